@@ -1,0 +1,108 @@
+"""The flags every script shares (one vocabulary, DESIGN.md), and the model setup they share.
+
+Each script adds its own flags and defaults after these; `--help` of any script lists all.
+"""
+import argparse
+
+import torch
+
+from common.data import VIDEO_REGEX
+from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
+from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, load_model
+
+
+def parser(description):
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=TINY, help="base Sa2VA: a local Hugging Face folder, or `tiny` (the embedded "
+                                                 "default, built in memory); nothing is downloaded")
+    g.add_argument("--init", default=None, help="stage checkpoint to start from (e.g. the SFT run's best/)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="user prompt; must contain <image>")
+    g.add_argument("--answer", default=DEFAULT_ANSWER, help="teacher-forced answer; must contain [SEG]")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights/activations (DeepSpeed) or autocast (plain torch, GPU)")
+    g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the LLM (less memory, ~30%% slower)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, splits and initialisation")
+    return g
+
+
+def add_data_args(p, require_data=True):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=require_data, help="data folder with images/ and masks/ (+ optional splits.json)")
+    g.add_argument("--val_fraction", type=float, default=0.2, help="share of VIDEOS held out when there is no splits.json")
+    g.add_argument("--max_train_samples", type=int, default=0, help="cap on training frames (0 = all)")
+    g.add_argument("--max_val_samples", type=int, default=0, help="cap on validation frames (0 = all)")
+    g.add_argument("--video_regex", default=VIDEO_REGEX, help="regex with groups video and frame, applied to file stems")
+    g.add_argument("--resize_masks", action="store_true", help="resize masks whose size differs from their image "
+                                                               "(nearest) instead of stopping with an error")
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a vessel pixel")
+    return g
+
+
+def add_train_args(p, lr, epochs, batch_size, grad_accum, weight_decay, trainable):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output", default="outputs", help="runs are written to <output>/<stage>_<timestamp>/")
+    g.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="samples per GPU (or process) per micro-step")
+    g.add_argument("--grad_accum", type=int, default=grad_accum, help="micro-steps per optimizer step")
+    g.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="share of optimizer steps with linear warm-up")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    g.add_argument("--trainable", default=trainable,
+                   help="comma list of trained parts: lora, llm, text_hidden_fcs, mask_decoder, prompt_encoder, mlp1, vision")
+    g.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    g.add_argument("--save_every", type=int, default=0, help="optimizer steps between resume checkpoints (0 = each epoch)")
+    g.add_argument("--resume", default=None, help="run folder of a killed run to continue from its last checkpoint")
+    g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many steps with a non-finite loss")
+    g.add_argument("--feature_cache_gb", type=float, default=2.0,
+                   help="memory for caching frozen features (SAM2 image features; [SEG] states when the LLM is frozen)")
+    d = p.add_argument_group("distributed")
+    d.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
+                   help="auto = DeepSpeed when launched by `deepspeed`, plain torch otherwise")
+    d.add_argument("--zero_stage", type=int, default=2, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    d.add_argument("--offload_optimizer", action="store_true", help="ZeRO optimizer states in CPU memory")
+    d.add_argument("--deepspeed_config", default=None, help="JSON merged over the config built from these flags")
+    d.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return g
+
+
+def add_lora_args(p, preset="medium"):
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_preset", default=preset, choices=tuple(LORA_PRESETS) + ("none",),
+                   help="rank/alpha: small 16/32, medium 32/64, large 64/128; none = no new adapter")
+    g.add_argument("--lora_rank", type=int, default=None, help="overrides the preset's rank")
+    g.add_argument("--lora_alpha", type=int, default=None, help="overrides the preset's alpha")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA path")
+    g.add_argument("--lora_mlp", action="store_true", help="also adapt the MLP projections, not only attention")
+    return g
+
+
+def use_deepspeed(args):
+    from common.engine import launched_by_deepspeed
+    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
+
+
+def setup_model(args, log=print):
+    """Base model + optional --init stage + optional new LoRA + the trainable parts."""
+    dtype = torch.float32  # DeepSpeed casts to bf16 itself; plain torch keeps fp32 masters + autocast
+    model, tokenizer = load_model(args.model, dtype=dtype, seed=args.seed)
+    if getattr(args, "init", None):
+        meta = load_stage(model, args.init, trainable_lora="lora" in args.trainable.split(","))
+        log(f"init: {args.init} (stage {meta.get('stage')}, parts {meta.get('trained_parts')})")
+    preset = getattr(args, "lora_preset", "none")
+    if preset != "none" and not has_lora(model):
+        rank, alpha = LORA_PRESETS[preset]
+        rank, alpha = args.lora_rank or rank, args.lora_alpha or alpha
+        apply_lora(model, rank, alpha, args.lora_dropout, args.lora_mlp)
+        log(f"LoRA: rank {rank}, alpha {alpha}, {'attention + MLP' if args.lora_mlp else 'attention'}")
+    parts = [s for s in args.trainable.split(",") if s]
+    set_trainable(model, parts)
+    if args.grad_ckpt:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
+    return model, tokenizer, parts

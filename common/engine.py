@@ -1,0 +1,351 @@
+"""Distributed setup, the optimisation engine, resumable checkpoints and logging.
+
+One loop serves both launches: under the `deepspeed` launcher (or with `--zero_stage`
+given) the engine is a DeepSpeed engine (ZeRO-2 by default, optimizer offload optional,
+bf16); under plain `python` it is `TorchEngine`, a few lines of plain torch with the same
+three calls the loops use: `backward(loss)`, `step()`, `save/load_checkpoint`.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- processes
+
+def launched_by_deepspeed():
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(use_deepspeed):
+    """(rank, world_size, device). Initialises the process group when there are several
+    processes (or DeepSpeed, which always wants one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if use_deepspeed:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    elif world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        # gloo has no all-reduce for every dtype on every backend: reduce in float64
+        t = tensor.double()
+        dist.all_reduce(t)
+        return t.to(tensor.dtype)
+    return tensor
+
+
+def all_gather_objects(obj):
+    """List of `obj` from every rank (rank order)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- optimisation
+
+def lr_lambda(total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to 10% of the peak (as a LambdaLR factor)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def deepspeed_config(args, world_size):
+    """The DeepSpeed config, from the parsed arguments in one place."""
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "train_batch_size": args.batch_size * args.grad_accum * world_size,
+        "gradient_clipping": args.grad_clip,
+        "bf16": {"enabled": bool(args.bf16)},
+        "zero_optimization": {"stage": args.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if getattr(args, "offload_optimizer", False):
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if getattr(args, "deepspeed_config", None):
+        with open(args.deepspeed_config) as f:
+            config.update(json.load(f))
+    return config
+
+
+class TorchEngine:
+    """Plain-torch stand-in for a DeepSpeed engine: gradient accumulation, clipping, a
+    scheduler step per optimizer step, bf16 autocast on GPU, skipped non-finite steps."""
+
+    def __init__(self, model, optimizer, scheduler, grad_accum, grad_clip, bf16, device):
+        self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.device = device
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def step(self):
+        """Returns True when an optimizer step ran (False in the middle of accumulation)."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if dist.is_initialized():  # data parallel without DDP wrappers: average the gradients
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        return True
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def save_checkpoint(self, save_dir, tag, client_state):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        if is_main():
+            trainable = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save(dict(params=trainable, optimizer=self.optimizer.state_dict(),
+                            scheduler=self.lr_scheduler.state_dict(), micro_steps=self.micro_steps,
+                            global_steps=self.global_steps, client_state=client_state),
+                       os.path.join(save_dir, tag, "engine.pt"))
+
+    def load_checkpoint(self, load_dir, tag):
+        state = torch.load(os.path.join(load_dir, tag, "engine.pt"), map_location="cpu", weights_only=False)
+        own = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n, v in state["params"].items():
+                own[n].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+        return state["client_state"]
+
+
+def build_engine(model, params, args, total_steps, device, use_deepspeed, world_size):
+    """AdamW + warm-up/cosine schedule inside a DeepSpeed engine or a TorchEngine."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    warmup = max(1, int(args.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    if not use_deepspeed:
+        model.to(device)
+        return TorchEngine(model, optimizer, scheduler, args.grad_accum, args.grad_clip, args.bf16, device)
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(args, world_size))
+    engine.autocast = contextlib.nullcontext  # DeepSpeed already holds the weights in bf16
+    return engine
+
+
+def engine_step(engine):
+    """engine.step(); True when it was an optimizer step (both engine kinds)."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    return boundary
+
+
+def gather_for_save(engine):
+    """Context factory making ZeRO-3 partitioned parameters whole, or None."""
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return None
+
+
+# ---------------------------------------------------------------- runs, resume, logs
+
+def make_run_dir(output, stage, resume):
+    """`<output>/<stage>_<timestamp>/`, or the folder of the run being resumed."""
+    if resume:
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such run folder")
+        return resume
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    run_dir = os.path.join(output, f"{stage}_{stamp}")
+    if is_main():
+        os.makedirs(run_dir, exist_ok=True)
+    # every rank must agree on the folder, whatever their clocks say
+    return all_gather_objects(run_dir)[0]
+
+
+LATEST = "latest"
+
+
+def save_resume_point(engine, run_dir, step, client_state, keep=2):
+    """Engine + trainer state at `checkpoints/step_<n>`, written to a temporary folder and
+    renamed, then `checkpoints/latest` updated atomically; older ones pruned to `keep`."""
+    root = os.path.join(run_dir, "checkpoints")
+    tag = f"step_{step:07d}"
+    tmp_root = os.path.join(root, "tmp")
+    if is_main():
+        shutil.rmtree(os.path.join(tmp_root, tag), ignore_errors=True)
+        os.makedirs(tmp_root, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(tmp_root, tag, client_state=client_state)
+    barrier()
+    if is_main():
+        os.replace(os.path.join(tmp_root, tag), os.path.join(root, tag))
+        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        tags = sorted(t for t in os.listdir(root) if t.startswith("step_"))
+        for old in tags[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier()
+
+
+def load_resume_point(engine, run_dir):
+    """Client state of the latest checkpoint of `run_dir`, or None when it has none."""
+    root = os.path.join(run_dir, "checkpoints")
+    latest = os.path.join(root, LATEST)
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    if hasattr(engine, "zero_optimization_stage"):
+        _, client_state = engine.load_checkpoint(root, tag)
+    else:
+        client_state = engine.load_checkpoint(root, tag)
+    return client_state
+
+
+class RunLogger:
+    """One line per interval to stdout and `train.log`, one JSON record per line to
+    `metrics.jsonl`, TensorBoard scalars when tensorboard is installed. Silent off rank 0."""
+
+    def __init__(self, run_dir, enabled=True):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.log = open(os.path.join(run_dir, "train.log"), "a")
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            pass
+
+    def line(self, text):
+        if self.enabled:
+            print(text, flush=True)
+            self.log.write(text + "\n")
+            self.log.flush()
+
+    def record(self, step, metrics):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(dict(step=step, time=time.time(), **metrics)) + "\n")
+        self.jsonl.flush()
+        if self.writer:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self.log.close()
+            self.jsonl.close()
+            if self.writer:
+                self.writer.close()
+
+
+def gpu_memory_gib():
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
+
+
+def versions():
+    import peft
+    import transformers
+    return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__)
+
+
+def write_json(path, obj):
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)

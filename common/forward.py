@@ -1,0 +1,185 @@
+"""The differentiable forward path: batch -> [SEG] embedding -> SAM2 mask logits.
+
+This is the fix for the failure the project exists to prevent: training through
+`predict_forward()` runs `generate()` under `torch.no_grad()`, so no gradient ever reaches
+LoRA, `text_hidden_fcs` or the mask decoder. Here the whole answer ("It is [SEG].") is
+teacher-forced through the LLM's `forward`; the last layer's hidden state at the input
+position of `[SEG]` (the same state `predict_forward` reads from `generate`), projected by
+`text_hidden_fcs`, prompts SAM2's mask decoder:
+
+    tiles -> vision_model -> pixel shuffle -> mlp1 -> spliced at <IMG_CONTEXT> positions
+    LLM(inputs_embeds) -> hidden[-1][SEG position] -> text_hidden_fcs -> (B, 256)
+    SAM2 image encoder (frozen) -> conv_s0/conv_s1, + no_mem_embed -> _forward_sam_heads
+    -> low-res logits (B, 1, S/4, S/4) -> bilinear to S x S -> bilinear to H x W
+
+The last two resizes are the released inference's (`propagate_in_video` returns S x S,
+`predict_forward` resizes to the frame), so a threshold on our logits gives its mask.
+
+Frozen work is cached: the SAM2 image encoder never trains, and when the LLM side is
+frozen (stages 2 and 3 train only `text_hidden_fcs` + the mask decoder) the [SEG] hidden
+state of a sample is a constant too (`FeatureCache`).
+"""
+import torch
+import torch.nn.functional as F
+
+from common.sa2va import unwrap_llm
+
+
+def model_dtype(module):
+    return next(module.parameters()).dtype
+
+
+def requires_grad(module):
+    return any(p.requires_grad for p in module.parameters())
+
+
+def llm_is_frozen(model):
+    """True when nothing before the [SEG] hidden state trains (LLM, LoRA, mlp1, vision)."""
+    return not (requires_grad(model.language_model) or requires_grad(model.mlp1) or requires_grad(model.vision_model))
+
+
+def image_embeddings(model, pixel_values):
+    """Vision encoder + mlp1 for all tiles of the batch: (tiles, tokens per tile, hidden)."""
+    frozen = not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        return model.extract_feature(pixel_values.to(model_dtype(model.vision_model)))
+
+
+def llm_forward(model, batch, with_text_logits=False):
+    """Teacher-forced LLM forward. Returns (seg_hidden (B, h), answer logits or None).
+
+    `seg_hidden` is the last layer's (post-norm) hidden state at each sample's [SEG] input
+    position. Right padding keeps every position and the causal attention of real tokens
+    unchanged, so a batch gives each sample's unbatched result."""
+    input_ids = batch["input_ids"]
+    embed = model.get_input_embeddings()
+    input_embeds = embed(input_ids)
+    vit = image_embeddings(model, batch["pixel_values"]).to(input_embeds.dtype)
+    selected = (input_ids == model.img_context_token_id)[..., None]
+    if selected.sum() != vit.shape[0] * vit.shape[1]:
+        raise ValueError(f"{int(selected.sum())} <IMG_CONTEXT> tokens but {vit.shape[0] * vit.shape[1]} image "
+                         f"embeddings: the processor and the model disagree on tokens per tile")
+    input_embeds = input_embeds.masked_scatter(selected, vit)
+    # The decoder stack without lm_head: the vocabulary projection is only needed where the
+    # text loss looks (answer tokens), and at 150k words it would be most of the memory.
+    backbone = unwrap_llm(model.language_model).model
+    hidden = backbone(inputs_embeds=input_embeds, attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    seg_hidden = hidden[rows, batch["seg_index"]]
+    text_logits = None
+    if with_text_logits:
+        # position t predicts token t+1: keep the positions whose next token is an answer token
+        next_labels = batch["labels"][:, 1:]
+        keep = next_labels != -100
+        text_logits = (model.get_output_embeddings()(hidden[:, :-1][keep]).float(), next_labels[keep])
+    return seg_hidden, text_logits
+
+
+@torch.no_grad()
+def sam_image_features(model, g_pixel_values):
+    """The frozen SAM2 image encoder: its FPN maps (highest resolution first)."""
+    sam = model.grounding_encoder.sam2_model
+    out = sam.image_encoder(g_pixel_values.to(model_dtype(sam.image_encoder)))
+    return [f.detach() for f in out["backbone_fpn"]]
+
+
+def decode_masks(model, seg_embeds, fpn):
+    """[SEG] prompt embeddings (B, C) + FPN maps -> low-res mask logits (B, 1, S/4, S/4).
+
+    The released `forward_image` (conv_s0/conv_s1 on the two high-res levels), the
+    `no_mem_embed` added to a first frame, and `_forward_sam_heads` with the multimask
+    choice SAM2 makes for a prompt without points (3 masks, highest predicted IoU)."""
+    sam = model.grounding_encoder.sam2_model
+    decoder = sam.sam_mask_decoder
+    dtype = model_dtype(decoder)
+    high_res = [decoder.conv_s0(fpn[0].to(dtype)), decoder.conv_s1(fpn[1].to(dtype))]
+    pix = fpn[-1].to(dtype) + sam.no_mem_embed.to(dtype).reshape(1, -1, 1, 1)
+    outputs = sam._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
+                                     high_res_features=high_res,
+                                     multimask_output=sam._use_multimask(is_init_cond_frame=True, point_inputs=None),
+                                     language_embd=seg_embeds.to(dtype)[:, None, :])
+    return outputs[3].float()
+
+
+def upsample_logits(low_res, size, sam_image_size):
+    """Low-res logits (N, 1, h, w) -> (N, H, W) as the released inference resizes them."""
+    x = F.interpolate(low_res.float(), size=(sam_image_size, sam_image_size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+class FeatureCache:
+    """Per-sample constants of the forward path, keyed by the sample's key.
+
+    Always the SAM2 FPN maps (the image encoder never trains); the [SEG] hidden state too
+    when `llm_is_frozen(model)`. Entries live on `device` (the GPU when it fits, else
+    "cpu"); keys must identify sample + prompt + answer + augmentation view."""
+
+    def __init__(self, device="cpu", limit_gb=2.0):
+        self.device = torch.device(device)
+        self.limit_bytes = limit_gb * 2 ** 30
+        self.bytes = 0
+        self.seg_hidden = {}
+        self.fpn = {}
+
+    def __len__(self):
+        return len(self.fpn)
+
+    def get(self, table, keys, device):
+        if any(k not in table for k in keys):
+            return None
+        value = [table[k] for k in keys]
+        if isinstance(value[0], list):
+            return [torch.stack([v[level] for v in value]).to(device, non_blocking=True) for level in range(len(value[0]))]
+        return torch.stack(value).to(device, non_blocking=True)
+
+    def put(self, table, keys, value):
+        """Store rows of `value` under `keys` until the memory limit is reached; samples
+        beyond it are simply recomputed each time."""
+        for row, k in enumerate(keys):
+            entry = [v[row].detach().to(self.device) for v in value] if isinstance(value, list) else \
+                value[row].detach().to(self.device)
+            size = sum(t.numel() * t.element_size() for t in (entry if isinstance(entry, list) else [entry]))
+            if k in table or self.bytes + size > self.limit_bytes:
+                continue
+            table[k] = entry
+            self.bytes += size
+
+
+def forward_batch(model, batch, cache=None, with_text_logits=False):
+    """Batch -> dict(low_res_logits (B,1,h,w) float32, seg_embeds (B,C), text (logits, labels) or None).
+
+    Only parameters that require grad get gradients; frozen parts run without autograd and,
+    given a cache, only once per sample."""
+    device = batch["input_ids"].device
+    keys = batch["keys"]
+    use_cache = cache is not None and all(k is not None for k in keys)
+    seg_hidden = text = None
+    frozen_llm = llm_is_frozen(model)
+    if use_cache and frozen_llm and not with_text_logits:
+        seg_hidden = cache.get(cache.seg_hidden, keys, device)
+    if seg_hidden is None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_llm):
+            seg_hidden, text = llm_forward(model, batch, with_text_logits)
+        if use_cache and frozen_llm:
+            cache.put(cache.seg_hidden, keys, seg_hidden)
+    fpn = cache.get(cache.fpn, keys, device) if use_cache else None
+    if fpn is None:
+        fpn = sam_image_features(model, batch["g_pixel_values"])
+        if use_cache:
+            cache.put(cache.fpn, keys, fpn)
+    seg_embeds = model.text_hidden_fcs(seg_hidden.to(model_dtype(model.text_hidden_fcs)))
+    low_res = decode_masks(model, seg_embeds, fpn)
+    return dict(low_res_logits=low_res, seg_embeds=seg_embeds, text=text)
+
+
+def full_size_logits(model, low_res, image_sizes):
+    """List of (H, W) float32 logits at each sample's original size."""
+    sam_size = model.grounding_encoder.sam2_model.image_size
+    return [upsample_logits(low_res[i:i + 1], size, sam_size)[0] for i, size in enumerate(image_sizes)]
+
+
+def move_batch(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
+                [x.to(device, non_blocking=True) for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0])
+                else v) for k, v in batch.items()}

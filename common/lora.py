@@ -1,0 +1,172 @@
+"""LoRA on the LLM, the choice of trained parts, and stage checkpoints.
+
+A stage checkpoint is one folder that stands on the base model alone (stages chain
+SFT -> DPO -> hard by `--init`):
+    adapter_config.json, adapter_model.safetensors   the PEFT adapter of the LLM (if any)
+    trained_parts.safetensors                         text_hidden_fcs, mask decoder, ... weights
+    stage.json                                        base model, its fingerprint, parts, run args
+It is written to `<dir>.tmp` and renamed, so a killed run never leaves a half checkpoint.
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.sa2va import CheckpointError, unwrap_llm
+
+LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
+# Attention projections of each LLM family (the mission's q,k,v,o), and the MLP ones.
+LORA_TARGETS = {
+    "InternLM2ForCausalLM": (["attention.wqkv", "attention.wo"], ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]),
+    "Phi3ForCausalLM": (["self_attn.qkv_proj", "self_attn.o_proj"], ["mlp.gate_up_proj", "mlp.down_proj"]),
+    "Qwen2ForCausalLM": (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+                         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+}
+LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
+# Trainable parts by name -> module path prefixes in the Sa2VA model.
+PARTS = {
+    "lora": ("language_model.",),  # only the lora_ parameters in it
+    "llm": ("language_model.",),
+    "text_hidden_fcs": ("text_hidden_fcs.",),
+    "mask_decoder": ("grounding_encoder.sam2_model.sam_mask_decoder.",),
+    "prompt_encoder": ("grounding_encoder.sam2_model.sam_prompt_encoder.",),
+    "mlp1": ("mlp1.",),
+    "vision": ("vision_model.",),
+}
+STAGE_FILE, PARTS_FILE = "stage.json", "trained_parts.safetensors"
+
+
+def lora_target_modules(model, include_mlp=False):
+    """LoRA target names for the model's LLM family, checked against its module names."""
+    llm = unwrap_llm(model.language_model)
+    arch = type(llm).__name__
+    if arch not in LORA_TARGETS:
+        raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(LORA_TARGETS))}")
+    attn, mlp = LORA_TARGETS[arch]
+    targets = attn + (mlp if include_mlp else [])
+    names = [n for n, _ in llm.named_modules()]
+    for t in targets:
+        if not any(n.endswith(t) for n in names):
+            raise CheckpointError(f"LoRA target {t!r} matches no module of {arch}; the LLM's module names differ "
+                                  f"from the preset (found e.g. {names[-3:]})")
+    return targets
+
+
+def apply_lora(model, rank, alpha, dropout=0.05, include_mlp=False):
+    """Wrap `model.language_model` with a PEFT LoRA adapter, as the released wrap_llm_lora does."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules=lora_target_modules(model, include_mlp))
+    model.language_model = get_peft_model(model.language_model, config)
+    return model
+
+
+def has_lora(model):
+    return hasattr(model.language_model, "peft_config")
+
+
+def set_trainable(model, parts):
+    """Freeze everything, then unfreeze the named parts. Returns the trainable parameters."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown --trainable part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if "lora" in parts and not has_lora(model):
+        raise ValueError("--trainable lora needs a LoRA adapter (a --lora_preset, or an --init checkpoint with one)")
+    for name, p in model.named_parameters():
+        p.requires_grad = False
+        for part in parts:
+            if name.startswith(PARTS[part]) and (part != "lora" or "lora_" in name):
+                p.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def base_fingerprint(model):
+    """A short hash of the base model: its shapes and a sample of its frozen LLM embedding.
+    A stage checkpoint records it; loading onto another base model is refused."""
+    llm = unwrap_llm(model.language_model)
+    emb = llm.get_input_embeddings().weight
+    sample = emb.detach().flatten()[:: max(1, emb.numel() // 4096)][:4096].float().cpu()
+    shape = dict(cls=type(model).__name__, llm=type(llm).__name__, emb=list(emb.shape),
+                 fcs_in=model.text_hidden_fcs[0].in_features, sam=model.grounding_encoder.hidden_dim)
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    h.update(sample.round(decimals=3).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def trained_state(model, parts):
+    """The non-LoRA weights of the trained parts, keyed by their names in the base model."""
+    prefixes = tuple(p for part in parts if part not in ("lora", "llm") for p in PARTS[part])
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n.startswith(prefixes)}
+
+
+def save_stage(model, out_dir, parts, meta, gather=None):
+    """Write a stage checkpoint atomically. `gather` is a context manager factory that makes
+    partitioned (ZeRO-3) parameters whole for the save; None when they already are."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    params = list(model.parameters())
+    with gather(params) if gather else _nullcontext():
+        if has_lora(model):
+            model.language_model.save_pretrained(tmp)
+        save_file(trained_state(model, parts), os.path.join(tmp, PARTS_FILE))
+    with open(os.path.join(tmp, STAGE_FILE), "w") as f:
+        json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model)), f, indent=2, default=str)
+    if os.path.exists(out_dir):
+        old = out_dir.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def read_stage_meta(ckpt_dir):
+    path = os.path.join(ckpt_dir, STAGE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: not a stage checkpoint (no {STAGE_FILE})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_stage(model, ckpt_dir, trainable_lora=False):
+    """Apply a stage checkpoint to a freshly loaded base model (in place); returns its meta."""
+    meta = read_stage_meta(ckpt_dir)
+    fingerprint = base_fingerprint(model)
+    if meta.get("base_fingerprint") not in (None, fingerprint):
+        raise CheckpointError(f"{ckpt_dir} was trained on base model {meta.get('base_model')!r} "
+                              f"(fingerprint {meta['base_fingerprint']}), not on this one ({fingerprint}); "
+                              f"pass the same --model it was trained from")
+    if meta.get("lora"):
+        from peft import PeftModel
+        if has_lora(model):
+            raise CheckpointError(f"{ckpt_dir}: the model already has a LoRA adapter")
+        model.language_model = PeftModel.from_pretrained(model.language_model, ckpt_dir, is_trainable=trainable_lora)
+    state = load_file(os.path.join(ckpt_dir, PARTS_FILE))
+    own = dict(model.named_parameters())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise CheckpointError(f"{ckpt_dir}: {len(unknown)} weight(s) do not exist in this model, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise CheckpointError(f"{ckpt_dir}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+            own[k].copy_(v.to(own[k].dtype))
+    return meta

@@ -1,0 +1,192 @@
+"""Loading Sa2VA, and the one place that knows its input conventions.
+
+Everything the forward path needs is read from the loaded model and tokenizer
+(`describe`), never typed in elsewhere: the chat template, the image tokens and how many
+per tile, InternVL's dynamic tiling and normalisation, SAM2's input size and
+normalisation, the `[SEG]` id and the LLM family. `Sa2VAProcessor` turns (image, prompt,
+answer) into the tensors of a batch exactly as the released `predict_forward` builds its
+inputs, so a mask from the training path equals a mask from the released inference for
+the same answer text.
+
+Checked against the released InternVL-family code (bytedance/Sa2VA,
+projects/sa2va/hf/models/modeling_sa2va_chat.py: `preparing_for_generation`,
+`predict_forward`, `dynamic_preprocess`; sam2.py: `preprocess_image`, DirectResize).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.tiny import (IMG_CONTEXT, IMG_END, IMG_START, SEG, TinySa2VAChatModel, build_tiny_model,
+                         dynamic_preprocess, pil_to_normalized)
+
+TINY = "tiny"
+DEFAULT_PROMPT = "<image>\nPlease segment the blood vessel."
+DEFAULT_ANSWER = "It is [SEG]."
+# The released `preparing_for_generation` sets these regardless of the config; a model that
+# carries its own (the tiny one) is read instead.
+RELEASED_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
+
+
+class CheckpointError(ValueError):
+    """A model folder or stage checkpoint that cannot be used as asked."""
+
+
+def load_model(name_or_path, dtype=torch.float32, seed=0):
+    """(model, tokenizer) for `tiny` (built in memory, deterministic in `seed`), a saved tiny
+    folder, or a released Sa2VA Hugging Face folder (loaded with its own remote code)."""
+    if name_or_path == TINY:
+        model, tokenizer = build_tiny_model(seed)
+        return model.to(dtype), tokenizer
+    config_path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{name_or_path}: not a model folder (no config.json); pass `tiny` or a local "
+                              f"Sa2VA folder (nothing is downloaded)")
+    with open(config_path) as f:
+        config = json.load(f)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+    if config.get("model_type") == "tiny_sa2va":
+        model = TinySa2VAChatModel.from_pretrained(name_or_path, dtype=dtype)
+    else:
+        model = load_released(name_or_path, dtype)
+    for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
+        if token not in tokenizer.get_vocab():
+            raise CheckpointError(f"{name_or_path}: tokenizer has no {token} token; is this a Sa2VA checkpoint?")
+    return model, tokenizer
+
+
+def load_released(path, dtype):
+    """A released Sa2VA folder through its own remote code, with the shims newer
+    transformers need (see README, "Supported checkpoints")."""
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    # transformers >= 4.50 renamed `is_composition`; without this the nested configs fail to load
+    type(config).has_no_defaults_at_init = True
+    model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
+                                      low_cpu_mem_usage=True)
+    # `_llm_forward` increments a counter the released __init__ never creates
+    model._count = 0
+    return model
+
+
+def unwrap_llm(language_model):
+    """The causal LM under a PEFT wrapper, if any."""
+    return language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+
+
+@dataclass
+class Sa2VAInterface:
+    template: dict
+    num_image_token: int
+    image_size: int
+    min_dynamic_patch: int
+    max_dynamic_patch: int
+    use_thumbnail: bool
+    sam_image_size: int
+    sam_mean: tuple
+    sam_std: tuple
+    seg_token_id: int
+    img_context_token_id: int
+    pad_token_id: int
+    llm_arch: str
+
+
+def describe(model, tokenizer):
+    """Read every input convention of the forward path from the loaded model."""
+    config = model.config
+    image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
+    tiling = {k: getattr(model, k, v) for k, v in RELEASED_TILING.items()}
+    sam = model.grounding_encoder
+    llm = unwrap_llm(model.language_model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    template = model.template if isinstance(model.template, dict) else None
+    if template is None:
+        raise CheckpointError(f"model template {model.template!r} is not a prompt-template dict")
+    return Sa2VAInterface(
+        template=template, num_image_token=int(model.num_image_token), image_size=int(image_size),
+        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
+        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
+        img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        pad_token_id=pad, llm_arch=type(llm).__name__, **tiling)
+
+
+class Sa2VAProcessor:
+    """(image, prompt, answer) -> model inputs, the way the released predict_forward builds them.
+
+    Picklable (DataLoader workers run it). The answer is tokenised on its own and appended
+    after the instruction, as Sa2VA's training data (xtuner) does, and ends with the
+    template's SUFFIX (the end-of-turn token)."""
+
+    def __init__(self, iface: Sa2VAInterface, tokenizer, prompt=DEFAULT_PROMPT, answer=DEFAULT_ANSWER):
+        self.iface = iface
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.answer = answer
+        if "<image>" not in prompt:
+            raise ValueError(f"--prompt must contain <image>, got {prompt!r}")
+        if SEG not in answer:
+            raise ValueError(f"the answer must contain {SEG}, got {answer!r}")
+
+    def image_tiles(self, image):
+        i = self.iface
+        tiles = dynamic_preprocess(image, i.min_dynamic_patch, i.max_dynamic_patch, i.image_size, i.use_thumbnail)
+        return torch.stack([pil_to_normalized(t, i.image_size) for t in tiles])
+
+    def sam_pixels(self, image):
+        """DirectResize to the SAM2 size (PIL bicubic), /255, SAM2's mean/std."""
+        size = self.iface.sam_image_size
+        x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        x = torch.from_numpy(x).permute(2, 0, 1)
+        mean = torch.tensor(self.iface.sam_mean)[:, None, None]
+        std = torch.tensor(self.iface.sam_std)[:, None, None]
+        return (x - mean) / std
+
+    def token_ids(self, num_tiles, prompt=None, answer=None):
+        """(prompt ids, answer ids) for an image of `num_tiles` tiles."""
+        i = self.iface
+        image_tokens = IMG_START + IMG_CONTEXT * (num_tiles * i.num_image_token) + IMG_END
+        text = (prompt or self.prompt).replace("<image>", image_tokens)
+        instruction = i.template["INSTRUCTION"].format(input=text, round=1, bot_name="BOT")
+        prompt_ids = self.tokenizer.encode(instruction, add_special_tokens=False)
+        answer_ids = self.tokenizer.encode((answer or self.answer) + i.template.get("SUFFIX", ""),
+                                           add_special_tokens=False)
+        return prompt_ids, answer_ids
+
+    def __call__(self, samples):
+        """Collate samples (dicts with `image` PIL, optional `mask` bool array, `key`) into a batch."""
+        tiles, g_pixels, ids, labels, seg_index = [], [], [], [], []
+        for s in samples:
+            t = self.image_tiles(s["image"])
+            prompt_ids, answer_ids = self.token_ids(len(t), s.get("prompt"), s.get("answer"))
+            seq = prompt_ids + answer_ids
+            if self.iface.seg_token_id not in answer_ids:
+                raise ValueError(f"{s.get('key')}: the answer tokenises without a {SEG} token")
+            tiles.append(t)
+            g_pixels.append(self.sam_pixels(s["image"]))
+            ids.append(seq)
+            labels.append([-100] * len(prompt_ids) + answer_ids)
+            seg_index.append(len(prompt_ids) + answer_ids.index(self.iface.seg_token_id))
+        length = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), length), self.iface.pad_token_id, dtype=torch.long)
+        label_ids = torch.full((len(ids), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, (seq, lab) in enumerate(zip(ids, labels)):  # right padding keeps positions 0..n-1
+            input_ids[row, :len(seq)] = torch.tensor(seq)
+            label_ids[row, :len(lab)] = torch.tensor(lab)
+            attention_mask[row, :len(seq)] = 1
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
+                     pixel_values=torch.cat(tiles), g_pixel_values=torch.stack(g_pixels),
+                     seg_index=torch.tensor(seg_index), image_sizes=[s["image"].size[::-1] for s in samples],
+                     keys=[s.get("key") for s in samples])
+        if all(s.get("mask") is not None for s in samples):
+            batch["masks"] = [torch.from_numpy(np.ascontiguousarray(s["mask"])) for s in samples]
+        for extra in ("index", "chosen_mask", "rejected_mask"):
+            if all(extra in s for s in samples):
+                value = [s[extra] for s in samples]
+                batch[extra] = (torch.tensor(value) if extra == "index"
+                                else [torch.from_numpy(np.ascontiguousarray(v)) for v in value])
+        return batch

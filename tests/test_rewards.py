@@ -1,0 +1,253 @@
+"""Metrics and PPO rewards of common/rewards.py against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import rewards as R
+
+
+def _block(shape, rows, cols):
+    m = np.zeros(shape, dtype=bool)
+    m[rows, cols] = True
+    return m
+
+
+def _vessel(gaps=()):
+    """A 3-pixel-thick horizontal vessel, 30 long, in a 16x40 frame; `gaps` = column slices cut out."""
+    m = _block((16, 40), slice(6, 9), slice(5, 35))
+    for g in gaps:
+        m[:, g] = False
+    return m
+
+
+# ---------------------------------------------------------------- overlap metrics
+
+# 4x4 hand case: gt = left two columns (8 px), pred = top two rows (8 px).
+# tp = 4 (top-left 2x2), fp = 4, fn = 4, tn = 4.
+GT44 = _block((4, 4), slice(None), slice(0, 2))
+PRED44 = _block((4, 4), slice(0, 2), slice(None))
+
+
+def test_overlap_counts_hand_case():
+    c = R.overlap_counts(torch.from_numpy(PRED44), torch.from_numpy(GT44))
+    assert {k: v.tolist() for k, v in c.items()} == {"tp": [4], "fp": [4], "fn": [4], "tn": [4]}
+
+
+def test_metrics_hand_case():
+    p, g = torch.from_numpy(PRED44), torch.from_numpy(GT44)
+    assert R.dice(p, g).tolist() == pytest.approx([8 / 16])
+    assert R.iou(p, g).tolist() == pytest.approx([4 / 12])
+    assert R.precision(p, g).tolist() == pytest.approx([4 / 8])
+    assert R.recall(p, g).tolist() == pytest.approx([4 / 8])
+
+
+def test_asymmetric_hand_case():
+    # gt 6 px, pred 3 px inside gt plus 1 px outside: tp 3, fp 1, fn 3.
+    g = _block((4, 4), slice(0, 2), slice(0, 3))
+    p = _block((4, 4), slice(0, 1), slice(0, 3))
+    p[3, 3] = True
+    m = R.overlap_metrics(p, g)
+    assert m["dice"].item() == pytest.approx(6 / 10)
+    assert m["iou"].item() == pytest.approx(3 / 7)
+    assert m["precision"].item() == pytest.approx(3 / 4)
+    assert m["recall"].item() == pytest.approx(3 / 6)
+
+
+def test_zero_denominator_conventions():
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    full = torch.ones(4, 4, dtype=torch.bool)
+    pred = torch.stack([empty, empty, full])
+    gt = torch.stack([empty, full, empty])
+    m = R.overlap_metrics(pred, gt)
+    for v in m.values():
+        assert not torch.isnan(v).any()
+    # empty/empty: perfect; empty pred on vessel: all 0; vessel pred on empty frame: all 0.
+    assert m["dice"].tolist() == [1, 0, 0]
+    assert m["iou"].tolist() == [1, 0, 0]
+    assert m["precision"].tolist() == [1, 0, 0]
+    assert m["recall"].tolist() == [1, 0, 0]
+
+
+def test_batched_shapes_and_int_inputs():
+    pred = torch.randint(0, 2, (5, 8, 8))
+    gt = torch.randint(0, 2, (5, 8, 8))
+    for f in (R.dice, R.iou, R.precision, R.recall):
+        out = f(pred, gt)
+        assert out.shape == (5,) and out.dtype == torch.float32
+    assert R.dice(pred[0], gt[0]).shape == (1,)
+    assert R.dice(pred, gt)[2] == R.dice(pred[2], gt[2])[0]
+    with pytest.raises(ValueError):
+        R.dice(pred, gt[:, :4])
+
+
+def test_global_dice_from_summed_counts():
+    g = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.6
+    p = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(1)) > 0.5
+    c = R.overlap_counts(p, g)
+    # Two "ranks" with 2 and 4 samples, summed like an all-reduce.
+    summed = {k: c[k][:2].sum() + c[k][2:].sum() for k in ("tp", "fp", "fn")}
+    glob = R.metrics_from_counts(summed["tp"], summed["fp"], summed["fn"])
+    whole = R.overlap_metrics(p.reshape(1, 6 * 16, 16), g.reshape(1, 6 * 16, 16))
+    for k in ("dice", "iou", "precision", "recall"):
+        assert glob[k].shape == ()
+        assert glob[k].item() == pytest.approx(whole[k].item())
+    assert R.metrics_from_counts(0, 0, 0)["dice"].item() == 1.0
+
+
+# ---------------------------------------------------------------- skeleton metrics
+
+def test_cldice_identical_disjoint_empty():
+    v = _vessel()
+    other = _block((16, 40), slice(12, 15), slice(5, 35))
+    empty = np.zeros_like(v)
+    assert R.cldice(v, v) == 1.0
+    assert R.cldice(v, other) == 0.0
+    assert R.cldice(empty, empty) == 1.0
+    assert R.cldice(empty, v) == 0.0 and R.cldice(v, empty) == 0.0
+
+
+def test_cldice_hand_case():
+    # 1-px lines are their own skeletons. gt: 10 px in row 2; pred: the first 5 of them.
+    g = _block((5, 20), 2, slice(2, 12))
+    p = _block((5, 20), 2, slice(2, 7))
+    tprec, tsens = 1.0, 5 / 10
+    assert R.cldice(p, g) == pytest.approx(2 * tprec * tsens / (tprec + tsens))
+
+
+def test_broken_vessel_scores_lower_topology_but_keeps_dice():
+    intact, one_break = _vessel(), _vessel([slice(19, 21)])
+    two_breaks = _vessel([slice(12, 14), slice(25, 27)])
+    d = R.dice(torch.from_numpy(one_break), torch.from_numpy(intact)).item()
+    assert d > 0.9
+    assert R.connectivity(intact, intact) == 1.0 and R.topology(intact, intact) == 1.0
+    assert R.connectivity(two_breaks, intact) < R.connectivity(one_break, intact) < 1.0
+    assert R.topology(two_breaks, intact) < R.topology(one_break, intact) < 1.0
+    # Components: 2 vs 1 -> ratio 1/2, times the GT centreline share still covered.
+    assert R.connectivity(one_break, intact) < 0.5
+
+
+def test_skeleton_length_and_agreement():
+    g = _block((5, 30), 2, slice(2, 22))   # 20-px line
+    p = _block((5, 30), 2, slice(2, 12))   # 10-px line
+    assert R.skeleton_length(g) == 20 and R.skeleton_length(p) == 10
+    assert R.length_agreement(p, g) == pytest.approx(1 - 10 / 20)
+    assert R.length_agreement(g, p) == pytest.approx(0.5)
+    empty = np.zeros_like(g)
+    assert R.length_agreement(empty, empty) == 1.0
+    assert R.length_agreement(empty, g) == 0.0
+
+
+def test_skeleton_metrics_batched():
+    v = _vessel()
+    pred = torch.from_numpy(np.stack([v, _vessel([slice(19, 21)]), np.zeros_like(v)]))
+    gt = torch.from_numpy(np.stack([v, v, np.zeros_like(v)]))
+    s = R.skeleton_metrics(pred, gt)
+    assert set(s) == {"cldice", "connectivity", "topology", "length"}
+    for k, arr in s.items():
+        assert isinstance(arr, np.ndarray) and arr.shape == (3,)
+        assert not np.isnan(arr).any()
+    assert s["topology"][1] == pytest.approx(R.topology(pred[1], gt[1]))
+    assert s["cldice"][[0, 2]].tolist() == [1.0, 1.0]
+    assert set(R.skeleton_metrics(v, v, topology=False)) == {"length"}
+
+
+# ---------------------------------------------------------------- rewards
+
+KEYS = {"reward", "dice", "recall", "precision", "topology", "length"}
+
+
+@pytest.mark.parametrize("name", ["multi_objective", "simple_dice", "recall_focused"])
+def test_perfect_and_empty_predictions(name):
+    reward = R.make_reward(name)
+    v = _vessel()
+    pred = np.stack([v, np.zeros_like(v)])
+    gt = np.stack([v, v])
+    out = reward(pred, gt)
+    assert KEYS <= set(out)
+    assert all(isinstance(a, np.ndarray) and a.shape == (2,) for a in out.values())
+    assert out["reward"][0] == pytest.approx(1.0)
+    assert out["reward"][1] == pytest.approx(0.0)
+
+
+def test_multi_objective_hand_case():
+    # 1-px horizontal lines: gt 20 px, pred its first 10 (no fp).
+    g = _block((5, 30), 2, slice(2, 22))
+    p = _block((5, 30), 2, slice(2, 12))
+    out = R.MultiObjectiveReward()(torch.from_numpy(p), torch.from_numpy(g))
+    dice, rec = 20 / 30, 0.5
+    cl = 2 * 1.0 * 0.5 / 1.5
+    conn = 1.0 * 0.5  # one component each, half the GT centreline covered
+    topo = (cl + conn) / 2
+    expected = 0.5 * dice + 0.2 * (rec / 0.85) + 0.2 * topo + 0.1 * 0.5
+    assert out["topology"][0] == pytest.approx(topo)
+    assert out["length"][0] == pytest.approx(0.5)
+    assert out["reward"][0] == pytest.approx(expected)
+
+
+def test_recall_bonus_saturates_at_target():
+    g = _block((4, 5), slice(0, 4), slice(0, 5))   # 20 px
+    p = g.copy()
+    p[0, :3] = False                               # recall 17/20 = 0.85
+    out = R.MultiObjectiveReward()(p, g)
+    assert out["recall_bonus"][0] == pytest.approx(1.0)
+
+
+def test_recall_focused_prefers_over_segmentation():
+    # gt 12 px; over = gt + 4 fp, under = 9 of 12: both Dice 6/7.
+    g = _block((8, 8), slice(2, 5), slice(2, 6))
+    over = g.copy()
+    over[5, 2:6] = True
+    under = g.copy()
+    under[4, 3:6] = False
+    pred, gt = np.stack([over, under]), np.stack([g, g])
+    rf = R.make_reward("recall_focused")(pred, gt)
+    sd = R.make_reward("simple_dice")(pred, gt)
+    assert rf["dice"] == pytest.approx([6 / 7, 6 / 7])
+    gap_rf = rf["reward"][0] - rf["reward"][1]
+    gap_sd = sd["reward"][0] - sd["reward"][1]
+    assert gap_sd == pytest.approx(0.0)
+    assert gap_rf == pytest.approx(0.7 * (1 - 0.75)) and gap_rf > gap_sd
+
+
+def test_skipped_terms_when_weight_zero(monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "skeleton_metrics", lambda *a, **k: calls.append(1))
+    out = R.SimpleDiceReward()(_vessel()[None], _vessel()[None])
+    assert calls == [] and math.isnan(out["topology"][0]) and math.isnan(out["length"][0])
+
+
+def test_dynamic_recall_switch():
+    r = R.MultiObjectiveReward(dynamic_recall=True)
+    assert r.weights() == R.MultiObjectiveReward().weights()  # no recall known yet
+    below = r.weights(running_recall=0.79)
+    assert below["recall"] == 0.4
+    assert sum(below.values()) == pytest.approx(1.0)
+    assert below["dice"] == pytest.approx(0.5 * 0.75)
+    assert r.weights(running_recall=0.80)["recall"] == 0.2
+    r.update_running_recall(0.79)
+    assert r.running_recall == pytest.approx(0.79) and r.weights()["recall"] == 0.4
+    r.update_running_recall(0.99)  # EMA: 0.9 * 0.79 + 0.1 * 0.99 = 0.81
+    assert r.running_recall == pytest.approx(0.81) and r.weights()["recall"] == 0.2
+    # Without dynamic_recall the weights never move.
+    assert R.MultiObjectiveReward().weights(running_recall=0.1)["recall"] == 0.2
+    # The switch shows up in the reward: a recall error costs more while recall is low.
+    g = _block((4, 5), slice(0, 4), slice(0, 5))
+    p = g.copy()
+    p[:2] = False
+    lo = r(p, g, running_recall=0.5)["reward"][0]
+    hi = r(p, g, running_recall=0.9)["reward"][0]
+    assert lo < hi
+
+
+def test_make_reward_factory():
+    r = R.make_reward("multi_objective", dice_weight=0.6, recall_weight=None, recall_target=0.9)
+    assert r.weights()["dice"] == 0.6 and r.weights()["recall"] == 0.2 and r.recall_target == 0.9
+    assert isinstance(R.make_reward("simple_dice", dice_weight=None), R.SimpleDiceReward)
+    assert R.make_reward("recall_focused").weights()["recall"] == 0.7
+    with pytest.raises(ValueError):
+        R.make_reward("ppo_magic")
+    with pytest.raises(TypeError):
+        R.make_reward("simple_dice", dice_weight=0.5)

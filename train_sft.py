@@ -1,0 +1,187 @@
+"""Stage 1: LoRA SFT of Sa2VA for vessel segmentation, through the differentiable forward path.
+
+LoRA on the LLM, trainable `text_hidden_fcs` and SAM2 mask decoder, vision encoders frozen;
+loss = Dice + BCE on the mask (+ the answer's token cross-entropy, which keeps the model
+answering with [SEG]). Gradients flow: loss -> mask decoder -> text_hidden_fcs -> [SEG]
+hidden state -> LoRA (the released `predict_forward` runs `generate()` under no_grad, and a
+run trained through it never changes; see README).
+
+    deepspeed train_sft.py --model /path/to/Sa2VA-4B --data /path/to/vessels --bf16
+    python train_sft.py --data synthetic_data            # CPU, tiny model
+
+Writes <output>/sft_<timestamp>/: best/ and final/ (stage checkpoints), training_info.json,
+train.log, metrics.jsonl, tensorboard/, checkpoints/ (for --resume).
+"""
+import math
+import os
+import time
+
+import torch
+
+from common import cli
+from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.engine import (RunLogger, build_engine, cleanup, engine_step, gather_for_save, gpu_memory_gib,
+                           init_distributed, is_main, load_resume_point, make_run_dir, print0, rng_state,
+                           save_resume_point, seed_everything, set_rng_state, versions, write_json)
+from common.evaluation import validate
+from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
+from common.lora import base_fingerprint, save_stage
+from common.losses import segmentation_loss, text_loss
+from common.sa2va import Sa2VAProcessor, describe
+
+STAGE = "sft"
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    cli.add_train_args(p, lr=1e-4, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0,
+                       trainable="lora,text_hidden_fcs,mask_decoder")
+    cli.add_lora_args(p, preset="medium")
+    g = p.add_argument_group("loss")
+    g.add_argument("--dice_weight", type=float, default=1.0, help="weight of the soft Dice loss")
+    g.add_argument("--bce_weight", type=float, default=1.0, help="weight of the per-pixel BCE loss")
+    g.add_argument("--text_weight", type=float, default=1.0,
+                   help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    # ---- setup
+    deepspeed_on = cli.use_deepspeed(args)
+    rank, world_size, device = init_distributed(deepspeed_on)
+    seed_everything(args.seed + rank)
+    run_dir = make_run_dir(args.output, STAGE, args.resume)
+    logger = RunLogger(run_dir, enabled=is_main())
+    logger.line(f"run folder: {run_dir}")
+
+    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+
+    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
+                                            args.max_val_samples, args.video_regex, args.resize_masks)
+    train_set = VesselDataset(train_frames, args.resize_masks)
+    val_set = VesselDataset(val_frames, args.resize_masks)
+    sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
+    loader_kw = dict(collate_fn=processor, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=False)
+    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=EvalSampler(len(val_set), rank, world_size),
+                                             **loader_kw)
+    micro_steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+    steps_per_epoch = max(1, micro_steps_per_epoch // args.grad_accum)
+    total_steps = steps_per_epoch * args.epochs
+    logger.line(f"data: {len(train_set)} train / {len(val_set)} val frames "
+                f"({len({f.video for f in train_frames})} / {len({f.video for f in val_frames})} videos); "
+                f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
+                f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
+    model = engine.module
+    cache = FeatureCache(device, args.feature_cache_gb)  # SAM2 image features never change
+
+    # ---- resume
+    state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[], bad_steps=0)
+    if args.resume:
+        client = load_resume_point(engine, run_dir)
+        if client is None:
+            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
+        else:
+            state = client["trainer"]
+            set_rng_state(client["rng"])
+            logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
+
+    def checkpoint():
+        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+
+    def meta(epoch, metrics):
+        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
+                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
+
+    if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
+        start = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
+        state["initial_val"] = start
+        logger.line(f"initial val: dice {start['mean_dice']:.4f} recall {start['mean_recall']:.4f} "
+                    f"precision {start['mean_precision']:.4f}")
+
+    # ---- training loop
+    t_start = time.time()
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch, start=state["micro_in_epoch"] * args.batch_size)
+        model.train()
+        window, t_window = [], time.time()
+        for batch in train_loader:
+            masks = [m.to(device).float() for m in batch["masks"]]
+            batch = move_batch(batch, device)
+            with engine.autocast():
+                out = forward_batch(model, batch, cache, with_text_logits=args.text_weight > 0)
+            logits = full_size_logits(model, out["low_res_logits"], batch["image_sizes"])
+            losses = segmentation_loss(logits, masks, args.dice_weight, args.bce_weight)
+            loss = losses["loss"]
+            if out["text"] is not None:
+                losses["text"] = text_loss(*out["text"])
+                loss = loss + args.text_weight * losses["text"]
+                losses["text"] = losses["text"].detach()
+            if not torch.isfinite(loss):
+                # keep every rank's backward/step count equal: a zero loss over the same graph
+                state["bad_steps"] += 1
+                logger.line(f"non-finite loss at step {state['step']} ({state['bad_steps']} so far); step skipped")
+                if state["bad_steps"] > args.max_bad_steps:
+                    raise RuntimeError(f"{state['bad_steps']} non-finite losses (> --max_bad_steps); stopping. "
+                                       f"Lower --lr, or check the data")
+                loss = sum(p.sum() for p in params) * 0.0
+            engine.backward(loss)
+            stepped = engine_step(engine)
+            state["micro_in_epoch"] += 1
+            window.append({k: float(v) for k, v in losses.items()})
+            if not stepped:
+                continue
+            state["step"] += 1
+            if state["step"] % args.log_every == 0 or state["step"] == total_steps:
+                avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                dt = time.time() - t_window
+                samples = len(window) * args.batch_size * world_size
+                lr = engine.get_lr()[0]
+                logger.line(f"epoch {epoch + 1}/{args.epochs} step {state['step']}/{total_steps} | "
+                            + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+                            + f" | lr {lr:.2e} | {dt / max(1, len(window) // args.grad_accum):.2f} s/step "
+                            f"{samples / dt:.1f} samples/s | {gpu_memory_gib():.1f} GiB")
+                logger.record(state["step"], {f"train/{k}": v for k, v in avg.items()} | {"train/lr": lr})
+                window, t_window = [], time.time()
+            if args.save_every and state["step"] % args.save_every == 0:
+                checkpoint()
+
+        # ---- end of epoch: validation, best/, resume point
+        val = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
+        state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val))
+        logger.record(state["step"], {f"val/{k}": v for k, v in val.items()})
+        logger.line(f"epoch {epoch + 1} val: dice {val['mean_dice']:.4f} iou {val['mean_iou']:.4f} "
+                    f"recall {val['mean_recall']:.4f} precision {val['mean_precision']:.4f}")
+        if val["mean_dice"] > state["best_dice"]:
+            state["best_dice"], state["best_epoch"] = val["mean_dice"], epoch + 1
+            if is_main():
+                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch + 1, val), gather_for_save(engine))
+        state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
+        checkpoint()
+
+    # ---- final save and summary
+    final_val = state["history"][-1] if state["history"] else {}
+    if is_main():
+        save_stage(model, os.path.join(run_dir, "final"), parts, meta(args.epochs, final_val), gather_for_save(engine))
+        write_json(os.path.join(run_dir, "training_info.json"), dict(
+            stage=STAGE, args=vars(args), initial_val=state.get("initial_val"), history=state["history"],
+            best_epoch=state["best_epoch"], best_val_dice=state["best_dice"], bad_steps=state["bad_steps"],
+            wall_time_s=time.time() - t_start, world_size=world_size, versions=versions(),
+            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
+    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
+    logger.close()
+    cleanup()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())
