@@ -58,7 +58,8 @@ def parse_checkpoints(specs):
 
 
 def select_frames(args):
-    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks)
+    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
+                         allow_empty_annotations=args.allow_empty_annotations)
     if args.split == "all":
         return frames
     splits = load_splits(args.data, frames, args.val_fraction, args.seed)

@@ -61,7 +61,9 @@ def main(args):
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
 
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks)
+                                            args.max_val_samples, args.video_regex, args.resize_masks,
+                                            data_format=args.data_format,
+                                            allow_empty_annotations=args.allow_empty_annotations)
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
@@ -137,7 +139,7 @@ def main(args):
             engine.backward(loss)
             stepped = engine_step(engine)
             state["micro_in_epoch"] += 1
-            window.append({k: float(v) for k, v in losses.items()})
+            window.append({k: float(v.detach()) for k, v in losses.items()})
             if not stepped:
                 continue
             state["step"] += 1

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from common.data import VIDEO_REGEX
+from common.data import DATA_FORMATS, VIDEO_REGEX
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, load_model
 
@@ -30,7 +30,13 @@ def add_model_args(p):
 
 def add_data_args(p, require_data=True):
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=require_data, help="data folder with images/ and masks/ (+ optional splits.json)")
+    g.add_argument("--data", required=require_data, help="data folder: images/ + masks/, or images/ + annotations.json "
+                                                         "(Sa2VA polygons); + optional splits.json")
+    g.add_argument("--data_format", default="auto", choices=DATA_FORMATS,
+                   help="layout of --data: masks, annotations (needs pycocotools), or auto = the one the folder has")
+    g.add_argument("--allow_empty_annotations", action="store_true",
+                   help="annotations.json entries with no polygon become all-background targets (with a warning) "
+                        "instead of an error")
     g.add_argument("--val_fraction", type=float, default=0.2, help="share of VIDEOS held out when there is no splits.json")
     g.add_argument("--max_train_samples", type=int, default=0, help="cap on training frames (0 = all)")
     g.add_argument("--max_val_samples", type=int, default=0, help="cap on validation frames (0 = all)")

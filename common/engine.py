@@ -266,6 +266,8 @@ def save_resume_point(engine, run_dir, step, client_state, keep=2):
     engine.save_checkpoint(tmp_root, tag, client_state=client_state)
     barrier()
     if is_main():
+        if os.path.isdir(os.path.join(root, tag)):  # saved twice at one step (--save_every at an epoch's end):
+            shutil.rmtree(os.path.join(root, tag))  # the later state (epoch closed) replaces the earlier one
         os.replace(os.path.join(tmp_root, tag), os.path.join(root, tag))
         with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
             f.write(tag)
@@ -334,6 +336,30 @@ class RunLogger:
 
 def gpu_memory_gib():
     return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
+
+
+def finite_or_zero(loss, params, state, max_bad_steps, log):
+    """`loss` when finite. Otherwise a zero over the same parameters, so every rank still runs
+    the same backward/step count; counts `state["bad_steps"]` and stops past `max_bad_steps`."""
+    if torch.isfinite(loss):
+        return loss
+    state["bad_steps"] += 1
+    log(f"non-finite loss at step {state['step']} ({state['bad_steps']} so far); step skipped")
+    if state["bad_steps"] > max_bad_steps:
+        raise RuntimeError(f"{state['bad_steps']} non-finite losses (> --max_bad_steps); stopping. "
+                           f"Lower --lr, or check the data")
+    return sum(p.sum() for p in params) * 0.0
+
+
+def log_train_window(logger, step, prefix, window, seconds, optimizer_steps, samples, lr):
+    """The interval's log line and record: `window` is a list of per-micro-step dicts of floats;
+    writes `prefix | <term> <mean> ... | lr | s/step samples/s | GPU GiB` and train/<term>."""
+    avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+    logger.line(f"{prefix} | " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+                + f" | lr {lr:.2e} | {seconds / max(1, optimizer_steps):.2f} s/step "
+                f"{samples / max(seconds, 1e-9):.1f} samples/s | {gpu_memory_gib():.1f} GiB")
+    logger.record(step, {f"train/{k}": v for k, v in avg.items()} | {"train/lr": lr})
+    return avg
 
 
 def versions():

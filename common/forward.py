@@ -19,6 +19,8 @@ Frozen work is cached: the SAM2 image encoder never trains, and when the LLM sid
 frozen (stages 2 and 3 train only `text_hidden_fcs` + the mask decoder) the [SEG] hidden
 state of a sample is a constant too (`FeatureCache`).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -76,11 +78,27 @@ def llm_forward(model, batch, with_text_logits=False):
     return seg_hidden, text_logits
 
 
+def sam_autocast(device):
+    """The released inference runs SAM2 under bf16 autocast on a GPU (`language_embd_inference`);
+    so does this path, or its layer norms and softmaxes would round differently."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def sam_image_features(model, g_pixel_values):
-    """The frozen SAM2 image encoder: its FPN maps (highest resolution first)."""
-    sam = model.grounding_encoder.sam2_model
-    out = sam.image_encoder(g_pixel_values.to(model_dtype(sam.image_encoder)))
+    """The frozen SAM2 image encoder: its FPN maps (highest resolution first).
+
+    `g_pixel_values` are the processor's resized uint8 images (B, 3, S, S); they are normalised
+    here by the model's own `preprocess_image` in the encoder's dtype, which is exactly what
+    predict_forward does (the released one uses bf16 mean/std constants). Float input is taken
+    as already normalised."""
+    encoder = model.grounding_encoder
+    dtype = model_dtype(encoder.sam2_model.image_encoder)
+    x = g_pixel_values
+    if not x.is_floating_point():
+        x = encoder.preprocess_image(x.to(dtype))
+    with sam_autocast(x.device):
+        out = encoder.sam2_model.image_encoder(x.to(dtype))
     return [f.detach() for f in out["backbone_fpn"]]
 
 
@@ -93,12 +111,13 @@ def decode_masks(model, seg_embeds, fpn):
     sam = model.grounding_encoder.sam2_model
     decoder = sam.sam_mask_decoder
     dtype = model_dtype(decoder)
-    high_res = [decoder.conv_s0(fpn[0].to(dtype)), decoder.conv_s1(fpn[1].to(dtype))]
-    pix = fpn[-1].to(dtype) + sam.no_mem_embed.to(dtype).reshape(1, -1, 1, 1)
-    outputs = sam._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
-                                     high_res_features=high_res,
-                                     multimask_output=sam._use_multimask(is_init_cond_frame=True, point_inputs=None),
-                                     language_embd=seg_embeds.to(dtype)[:, None, :])
+    with sam_autocast(seg_embeds.device):
+        high_res = [decoder.conv_s0(fpn[0].to(dtype)), decoder.conv_s1(fpn[1].to(dtype))]
+        pix = fpn[-1].to(dtype) + sam.no_mem_embed.to(dtype).reshape(1, -1, 1, 1)
+        outputs = sam._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
+                                         high_res_features=high_res,
+                                         multimask_output=sam._use_multimask(is_init_cond_frame=True, point_inputs=None),
+                                         language_embd=seg_embeds.to(dtype)[:, None, :])
     return outputs[3].float()
 
 
@@ -121,13 +140,25 @@ class FeatureCache:
         self.bytes = 0
         self.seg_hidden = {}
         self.fpn = {}
+        # samples served from / missing in each table: proof that later epochs skip the frozen work
+        self.hits = {"seg_hidden": 0, "fpn": 0}
+        self.misses = {"seg_hidden": 0, "fpn": 0}
 
     def __len__(self):
         return len(self.fpn)
 
+    def summary(self):
+        """One line for the log: entries, memory, hits/lookups per table."""
+        counts = ", ".join(f"{name} {self.hits[name]}/{self.hits[name] + self.misses[name]}" for name in self.hits)
+        return (f"{len(self.fpn)} entries ({len(self.seg_hidden)} with [SEG] states), "
+                f"{self.bytes / 2 ** 20:.1f} MB; hits/lookups: {counts}")
+
     def get(self, table, keys, device):
+        name = "seg_hidden" if table is self.seg_hidden else "fpn"
         if any(k not in table for k in keys):
+            self.misses[name] += len(keys)
             return None
+        self.hits[name] += len(keys)
         value = [table[k] for k in keys]
         if isinstance(value[0], list):
             return [torch.stack([v[level] for v in value]).to(device, non_blocking=True) for level in range(len(value[0]))]
@@ -147,7 +178,8 @@ class FeatureCache:
 
 
 def forward_batch(model, batch, cache=None, with_text_logits=False):
-    """Batch -> dict(low_res_logits (B,1,h,w) float32, seg_embeds (B,C), text (logits, labels) or None).
+    """Batch -> dict(low_res_logits (B,1,h,w) float32, seg_embeds (B,C), text (logits, labels) or None,
+    image_features (B,C,h',w'): SAM2's lowest-resolution FPN map, frozen, e.g. for train_ppo's critic).
 
     Only parameters that require grad get gradients; frozen parts run without autograd and,
     given a cache, only once per sample."""
@@ -170,7 +202,7 @@ def forward_batch(model, batch, cache=None, with_text_logits=False):
             cache.put(cache.fpn, keys, fpn)
     seg_embeds = model.text_hidden_fcs(seg_hidden.to(model_dtype(model.text_hidden_fcs)))
     low_res = decode_masks(model, seg_embeds, fpn)
-    return dict(low_res_logits=low_res, seg_embeds=seg_embeds, text=text)
+    return dict(low_res_logits=low_res, seg_embeds=seg_embeds, text=text, image_features=fpn[-1])
 
 
 def full_size_logits(model, low_res, image_sizes):

@@ -45,3 +45,99 @@ def text_loss(logits, labels):
     if labels.numel() == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), labels)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
+             label_smoothing=0.0, reference_free=False):
+    """Direct Preference Optimization loss (Rafailov et al. 2023, arXiv 2305.18290), as TRL's
+    `dpo_loss` ("sigmoid" loss, conservative label smoothing of Mitchell 2023).
+
+    Inputs: (B,) log-likelihoods of the chosen (w) and rejected (l) masks under the policy and
+    the reference (here `mask_log_likelihood`, a per-pixel mean). With
+        h = (logp_w - ref_w) - (logp_l - ref_l)        (reference_free: h = logp_w - logp_l)
+    the per-pair loss is
+        -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h),   eps = label_smoothing
+    (eps = 0: -log sigmoid(beta * h); eps is the assumed share of flipped preference labels).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are the
+    detached implicit rewards beta * (logp - ref) (beta * logp when reference_free). At the
+    start of a stage the policy is the reference, so h = 0 and every loss is log 2."""
+    if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError("dpo_loss needs the reference log-likelihoods (or reference_free=True)")
+    policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.float(), policy_rejected_logps.float()
+    if reference_free:
+        ref_chosen_logps = ref_rejected_logps = torch.zeros_like(policy_chosen_logps)
+    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.float(), ref_rejected_logps.float()
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_metrics(chosen_rewards, rejected_rewards):
+    """The numbers to log beside the DPO loss, as batch means (floats):
+    accuracy = share of pairs with chosen_reward > rejected_reward (a tie, as at step 0 with a
+    reference, does not count; healthy 0.7-0.9), margin = mean(chosen - rejected reward),
+    chosen_rewards, rejected_rewards = their means."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return dict(accuracy=float((chosen_rewards > rejected_rewards).float().mean()),
+                margin=float((chosen_rewards - rejected_rewards).mean()),
+                chosen_rewards=float(chosen_rewards.mean()), rejected_rewards=float(rejected_rewards.mean()))
+
+
+# ---------------------------------------------------------------- PPO on a per-pixel Bernoulli mask policy
+
+def bernoulli_kl(logits_p, logits_q):
+    """Exact KL(P || Q) of two per-pixel Bernoulli mask policies, mean over pixels (float32):
+        KL = mean_i [ p_i (log p_i - log q_i) + (1 - p_i) (log(1 - p_i) - log(1 - q_i)) ],
+    p = sigmoid(logits_p), q = sigmoid(logits_q), the logs taken as logsigmoid(+-logits) so saturated
+    pixels stay finite. logits: (..., H, W), broadcastable -> (...). Identical logits give exactly 0."""
+    lp, lq = logits_p.float(), logits_q.float()
+    p = lp.sigmoid()
+    kl = p * (F.logsigmoid(lp) - F.logsigmoid(lq)) + (1 - p) * (F.logsigmoid(-lp) - F.logsigmoid(-lq))
+    return kl.flatten(-2).mean(-1)
+
+
+def bernoulli_entropy(logits):
+    """Mean per-pixel entropy of a Bernoulli mask policy (float32, nats):
+        H = -mean_i [ p_i log p_i + (1 - p_i) log(1 - p_i) ],  p = sigmoid(logits).
+    (..., H, W) -> (...); 0 for a saturated mask, log 2 where every p_i = 0.5."""
+    x = logits.float()
+    p = x.sigmoid()
+    return -(p * F.logsigmoid(x) + (1 - p) * F.logsigmoid(-x)).flatten(-2).mean(-1)
+
+
+def ppo_clip_loss(logp, logp_old, advantages, clip=0.2):
+    """Clipped surrogate of PPO (Schulman et al. 2017, arXiv 1707.06347, eq. 7), as a loss to minimise:
+        r = exp(logp - logp_old)
+        loss = -mean[ min(r A, clip(r, 1 - eps, 1 + eps) A) ],   eps = clip
+    logp: (N,) log-probs of the sampled actions under the policy being trained (with grad);
+    logp_old: (N,) the same under the policy that sampled them (no grad); advantages: (N,).
+    Returns dict(loss, plain_loss = -mean(r A), ratio (N,), clip_fraction = share of |r - 1| > eps),
+    all but `loss` detached. At the first update of a rollout logp == logp_old, so r = 1 exactly and
+    loss == plain_loss == -mean(A)."""
+    logp, logp_old, advantages = logp.float(), logp_old.float().detach(), advantages.float().detach()
+    ratio = torch.exp(logp - logp_old)
+    plain = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    loss = -torch.minimum(plain, clipped).mean()
+    return dict(loss=loss, plain_loss=-plain.mean().detach(), ratio=ratio.detach(),
+                clip_fraction=((ratio.detach() - 1.0).abs() > clip).float().mean())
+
+
+def group_advantages(rewards, eps=1e-6):
+    """Group-baseline advantages (GRPO, Shao et al. 2024, arXiv 2402.03300) over the samples of each image:
+        A_bg = (R_bg - mean_g R_bg) / (std_g R_bg + eps)      (population std over the G samples)
+    rewards: (B, G), G >= 2 masks sampled for each of B images -> (B, G). A group whose samples all
+    score the same gets A = 0 (nothing to learn from it)."""
+    rewards = rewards.float()
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"group advantages need rewards of shape (images, samples >= 2), got {tuple(rewards.shape)}")
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, unbiased=False, keepdim=True) + eps)
+
+
+def normalized_advantages(advantages, eps=1e-6):
+    """Whole-rollout advantage normalisation (PPO's usual): (A - mean A) / (std A + eps), any shape."""
+    advantages = advantages.float()
+    return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + eps)

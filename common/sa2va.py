@@ -50,7 +50,7 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
     if config.get("model_type") == "tiny_sa2va":
-        model = TinySa2VAChatModel.from_pretrained(name_or_path, dtype=dtype)
+        model = TinySa2VAChatModel.from_pretrained(name_or_path, **dtype_kwarg(dtype))
     else:
         model = load_released(name_or_path, dtype)
     for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
@@ -59,15 +59,37 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
     return model, tokenizer
 
 
+def dtype_kwarg(dtype):
+    """`from_pretrained`'s dtype argument: `torch_dtype` before transformers 4.56 (an unknown
+    `dtype` is silently ignored there and the weights load as float32), `dtype` after."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def load_released(path, dtype):
     """A released Sa2VA folder through its own remote code, with the shims newer
     transformers need (see README, "Supported checkpoints")."""
-    from transformers import AutoConfig, AutoModel
+    import transformers
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    # transformers >= 4.50 renamed `is_composition`; without this the nested configs fail to load
+    # Shim 1, transformers >= 4.50: the released config cannot be built without arguments (KeyError
+    # 'architectures'); the flag that used to be `is_composition` tells transformers not to try.
     type(config).has_no_defaults_at_init = True
-    model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
-                                      low_cpu_mem_usage=True)
+    # Shim 2, transformers >= 5: the released __init__ never calls post_init(), which now sets
+    # attributes loading needs (`all_tied_weights_keys`); call it once after __init__.
+    model_cls = get_class_from_dynamic_module(config.auto_map["AutoModel"], path)
+    if int(transformers.__version__.split(".")[0]) >= 5 and not getattr(model_cls, "_sa2va_post_init_shim", False):
+        released_init = model_cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            released_init(self, *args, **kwargs)
+            if not hasattr(self, "all_tied_weights_keys"):
+                self.post_init()
+        model_cls.__init__ = __init__
+        model_cls._sa2va_post_init_shim = True
+    model = model_cls.from_pretrained(path, config=config, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
     # `_llm_forward` increments a counter the released __init__ never creates
     model._count = 0
     return model
@@ -137,13 +159,12 @@ class Sa2VAProcessor:
         return torch.stack([pil_to_normalized(t, i.image_size) for t in tiles])
 
     def sam_pixels(self, image):
-        """DirectResize to the SAM2 size (PIL bicubic), /255, SAM2's mean/std."""
+        """DirectResize to the SAM2 size (PIL bicubic), as uint8 (3, S, S). The forward path
+        normalises it with the model's own `preprocess_image` (/255, mean/std in the model's
+        dtype and constants), so the SAM2 input is bit-identical to predict_forward's."""
         size = self.iface.sam_image_size
-        x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-        x = torch.from_numpy(x).permute(2, 0, 1)
-        mean = torch.tensor(self.iface.sam_mean)[:, None, None]
-        std = torch.tensor(self.iface.sam_std)[:, None, None]
-        return (x - mean) / std
+        x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+        return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
     def token_ids(self, num_tiles, prompt=None, answer=None):
         """(prompt ids, answer ids) for an image of `num_tiles` tiles."""
@@ -151,7 +172,9 @@ class Sa2VAProcessor:
         image_tokens = IMG_START + IMG_CONTEXT * (num_tiles * i.num_image_token) + IMG_END
         text = (prompt or self.prompt).replace("<image>", image_tokens)
         instruction = i.template["INSTRUCTION"].format(input=text, round=1, bot_name="BOT")
-        prompt_ids = self.tokenizer.encode(instruction, add_special_tokens=False)
+        # with the tokenizer's own special tokens, as predict_forward's `tokenizer.encode(input_text)`:
+        # InternLM2's prepends <s> (xtuner's training data starts with it too), Qwen2's adds nothing
+        prompt_ids = self.tokenizer.encode(instruction)
         answer_ids = self.tokenizer.encode((answer or self.answer) + i.template.get("SUFFIX", ""),
                                            add_special_tokens=False)
         return prompt_ids, answer_ids

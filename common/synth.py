@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw, measure
 
-SYNTH_VERSION = 1  # bump when the generator's output changes, so old folders are not reused
+SYNTH_VERSION = 2  # bump when the generator's output changes, so old folders are not reused
 BASE_SIZE = 128  # all lengths and widths below are for a 128 px image and scale with size
 SAMPLE_STEP = 0.35  # px between centerline samples; < 0.5 so every pixel the curve crosses gets one
 ROOT_RADIUS = (2.0, 3.0)  # px at the root: 4-6 px wide
@@ -298,19 +298,18 @@ def _cut_loops_open(mask):
 def mask_polygons(mask):
     """Outline polygons of the mask's connected components, each flat [x1, y1, x2, y2, ...].
 
-    An approximation of the raster mask. Vertices lie on the 0.5 level between pixel centres
-    (pixel row i, column j has its centre at x=j, y=i, origin top-left, so coordinates run
-    from -0.5 to size-0.5) and cut corners diagonally. Filling every pixel whose centre lies
-    inside a polygon (skimage.draw.polygon2mask) gives back the mask, except that loops where
-    vessels cross are cut open by a 1 px slit so that no polygon encloses background.
-    Boundary-inclusive fills (PIL ImageDraw.polygon, cv2.fillPoly) widen vessels by ~1 px.
+    An approximation of the raster mask, in the COCO / Sa2VA convention the official loader
+    rasterises with pycocotools: pixel (row i, column j) covers [j, j+1) x [i, i+1), so its
+    centre is at (j + 0.5, i + 0.5) and coordinates run from 0 to size. Vertices lie on the 0.5
+    level between pixel centres and cut corners diagonally; loops where vessels cross are cut
+    open by a 1 px slit so that no polygon encloses background.
     """
     # The pad gives every component an outside, also where the vessels reach the image border.
     outlined = _cut_loops_open(np.pad(mask, 1))
     contours = measure.find_contours(outlined.astype(float), 0.5, fully_connected="high")
     polygons = []
     for contour in contours:
-        contour = contour[:-1] - 1  # closed contours repeat their first point; undo the pad
+        contour = contour[:-1] - 1 + 0.5  # closed contours repeat their first point; undo the pad; COCO centres
         if len(contour) >= 3:
             polygons.append(np.round(contour[:, ::-1], 2).ravel().tolist())
     return polygons

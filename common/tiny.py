@@ -625,6 +625,7 @@ def teach_answer(model, tokenizer, answer=TINY_ANSWER, steps=80, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.zero_grad(set_to_none=True)
     model.eval()
     return loss.item()
 

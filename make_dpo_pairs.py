@@ -1,0 +1,310 @@
+"""Build mask preference pairs for DPO (stage 2): `dpo_annotations.json` + `masks/`.
+
+Three modes (`--mode`):
+- generate: for every image of `--split`, the model's own prediction (`greedy`: sigmoid >
+  --threshold) plus `--num_samples` stochastic predictions; ranked by IoU to the ground
+  truth; pairs = best vs worst (or, with `--pairing all`, every pair) with
+  iou_gap >= --min_iou_gap; `--include_gt` adds ground truth vs the best prediction.
+- from_predictions: the candidates are existing binary mask PNGs, one folder per model or
+  method (`--predictions sft=DIR dpo=DIR ...`, files named by image stem), ranked the same way.
+- gt: chosen = ground truth, rejected = the model's prediction where its Dice < --max_dice
+  (the methodology's stage 2).
+
+Stochastic decoding (generate): each sample thresholds the model's low-res mask logits plus
+logistic noise, `logits / T + L > 0`, at the mask decoder's own output grid (S/4, 256 px for
+SAM2), and the perturbed logits are then resized exactly as inference resizes logits. With
+L ~ Logistic(0, 1) every low-res pixel is a Bernoulli draw with p = sigmoid(logit / T): at
+T = 1 (--temperature) the samples come from the model's per-pixel distribution, the one whose
+log-likelihood DPO trains (`mask_log_likelihood`), so the pairs are on-policy. Why low-res: the
+decoder has no finer degrees of freedom; sampling at full size would invent speckle the model
+cannot express, and the bilinear resize of perturbed logits gives smooth, mask-like edges.
+Independent pixel noise averages out over a mask (every sample gets nearly the same IoU), so
+the noise is spatially correlated (--noise_sigma, low-res pixels): a Gaussian field smoothed
+with that sigma, mapped through the normal CDF and the logistic quantile (a Gaussian copula),
+which keeps each pixel's marginal exactly Bernoulli(sigmoid(logit / T)) while whole vessel
+segments appear or vanish together, the kind of error a real prediction makes. Thresholds or
+test-time flips were not used: they move every pixel the same way (a threshold pair only
+teaches calibration) or need extra forward passes.
+
+    python make_dpo_pairs.py --mode generate --data DATA --init runs/sft_x/best --output pairs
+    python make_dpo_pairs.py --mode from_predictions --data DATA --predictions a=preds_a b=preds_b --output pairs
+    python make_dpo_pairs.py --mode gt --data DATA --init runs/sft_x/best --max_dice 0.75 --output pairs
+
+Writes --output (atomically: a temporary folder renamed when complete): dpo_annotations.json
+(paths relative to it; images and ground-truth masks are referenced where they are, never
+copied), masks/<image stem>__<tag>.png (the generated masks used by pairs; tag = greedy, s1..sN,
+pred, gt), summary.json (counts, IoU-gap quantiles and histogram, the arguments).
+"""
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common import cli
+from common.data import DataError, EvalSampler, VesselDataset, cap_frames, frame_mask, list_images, load_splits, \
+    read_mask, scan_folder
+from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
+from common.evaluation import predict_probabilities
+from common.forward import forward_batch, full_size_logits, move_batch
+from common.lora import load_stage
+from common.pairs import PAIRS_FILE, load_pairs
+from common.rewards import overlap_metrics
+from common.sa2va import Sa2VAProcessor, describe, load_model
+
+GAP_BINS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # histogram edges of the printed IoU-gap distribution
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    g = p.add_argument_group("pairs")
+    g.add_argument("--mode", required=True, choices=("generate", "from_predictions", "gt"), help="see the docstring")
+    g.add_argument("--output", required=True, help="folder for dpo_annotations.json, masks/, summary.json")
+    g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g.add_argument("--split", default="train", help="images to pair: train, val, test (splits.json) or all; DPO trains "
+                                                    "on these, so keep validation images out")
+    g.add_argument("--min_iou_gap", type=float, default=0.05, help="keep pairs with chosen_iou - rejected_iou >= this "
+                                                                   "(> 0.1 recommended)")
+    g.add_argument("--pairing", choices=("best_worst", "all"), default="best_worst",
+                   help="per image: best vs worst candidate, or every candidate pair above the gap")
+    g.add_argument("--max_pairs_per_image", type=int, default=0, help="with --pairing all: keep the N largest gaps (0 = all)")
+    g.add_argument("--include_gt", action="store_true", help="generate/from_predictions: add ground truth vs the best "
+                                                             "candidate")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass (generate, gt)")
+    s = p.add_argument_group("generate")
+    s.add_argument("--num_samples", type=int, default=5, help="stochastic predictions per image (plus the greedy one)")
+    s.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid(logits / T); 1 = the model's own "
+                                                                  "distribution, higher = more diverse")
+    s.add_argument("--noise_sigma", type=float, default=2.0, help="spatial correlation of the sampling noise, in "
+                                                                  "low-res pixels (0 = independent pixels)")
+    f = p.add_argument_group("from_predictions / gt")
+    f.add_argument("--predictions", nargs="+", default=[], help="NAME=DIR folders of binary mask PNGs named by image stem")
+    f.add_argument("--max_dice", type=float, default=0.75, help="gt mode: pair only images the model scores below this")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- candidates
+
+def sample_masks(model, low_res, size, num_samples, temperature, sigma, generator):
+    """(num_samples, H, W) bool masks: threshold of logits / T + correlated logistic noise at the
+    low-res grid, resized as inference resizes logits (see the docstring)."""
+    shape = (num_samples, 1) + tuple(low_res.shape[-2:])
+    if sigma > 0:
+        radius = int(math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        k = k / k.norm()  # unit L2 norm: smoothed white noise keeps unit variance
+        z = torch.randn(shape[:2] + (shape[2] + 2 * radius, shape[3] + 2 * radius), generator=generator)
+        z = torch.nn.functional.conv2d(z, k.view(1, 1, -1, 1))  # 'valid' convolutions: no border effects
+        z = torch.nn.functional.conv2d(z, k.view(1, 1, 1, -1))
+        u = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # normal CDF: uniform marginals
+    else:
+        u = torch.rand(shape, generator=generator)
+    u = u.clamp(1e-7, 1 - 1e-7)
+    noise = torch.log(u) - torch.log1p(-u)  # logistic quantile: P(l / T + noise > 0) = sigmoid(l / T)
+    perturbed = low_res.float().expand(shape) / temperature + noise
+    return torch.stack(full_size_logits(model, perturbed, [size] * num_samples)) > 0
+
+
+def model_candidates(args, frames, rank, world_size, device):
+    """{frame index: [(tag, bool mask)]} of this rank's shard: the greedy prediction, and in
+    generate mode --num_samples samples. One batched forward pass per batch of images."""
+    model, tokenizer = load_model(args.model, seed=args.seed)
+    if args.init:
+        load_stage(model, args.init)
+    model.to(device).eval()
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    dataset = VesselDataset(frames, args.resize_masks)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
+                                         collate_fn=processor, num_workers=args.num_workers)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
+    out = {}
+    torch.set_grad_enabled(False)  # (not a decorator: building the tiny model above trains it briefly)
+    for batch in tqdm(loader, desc=f"{args.mode}: predicting", disable=not is_main()):
+        batch = move_batch(batch, device)
+        if args.mode == "gt":
+            probs = predict_probabilities(model, batch, autocast=autocast)
+            for i, index in enumerate(batch["index"].tolist()):
+                out[index] = [("pred", probs[i].cpu() > args.threshold)]
+            continue
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            low_res = forward_batch(model, batch)["low_res_logits"].float().cpu()
+        for i, index in enumerate(batch["index"].tolist()):
+            size = batch["image_sizes"][i]
+            greedy = full_size_logits(model, low_res[i:i + 1], [size])[0].sigmoid() > args.threshold
+            # seeded by image: the same pairs on any number of ranks
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            samples = sample_masks(model, low_res[i:i + 1], size, args.num_samples, args.temperature,
+                                   args.noise_sigma, generator)
+            out[index] = [("greedy", greedy)] + [(f"s{k + 1}", m) for k, m in enumerate(samples)]
+    torch.set_grad_enabled(True)
+    return out
+
+
+def prediction_candidates(args, frames, rank, world_size):
+    """Same as model_candidates from --predictions folders (files by image stem; paths kept)."""
+    folders = []
+    for spec in args.predictions:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            name, folder = os.path.basename(spec.rstrip("/")), spec
+        folders.append((name, list_images(folder)))
+    out = {}
+    for index in range(rank, len(frames), world_size):
+        f, cands = frames[index], []
+        for name, files in folders:
+            if f.key in files:
+                mask = read_mask(files[f.key], warn=False)
+                if mask.shape != frame_mask(f).shape:
+                    raise DataError(f"{files[f.key]}: prediction is {mask.shape[1]}x{mask.shape[0]} but the ground "
+                                    f"truth of {f.key} is {frame_mask(f).shape[1]}x{frame_mask(f).shape[0]}")
+                cands.append((name, torch.from_numpy(mask), files[f.key]))
+        out[index] = cands
+    return out
+
+
+# ---------------------------------------------------------------- pairs
+
+def select_pairs(args, frame, cands):
+    """Pairs of one image: list of (chosen, rejected), each dict(tag, iou, mask, path)."""
+    gt = torch.from_numpy(np.ascontiguousarray(frame_mask(frame)))
+    if not cands:
+        return [], "no candidate"
+    scores = overlap_metrics(torch.stack([c[1] for c in cands]), gt.expand(len(cands), *gt.shape))
+    ranked = sorted(({"tag": c[0], "mask": c[1], "path": c[2] if len(c) > 2 else None,
+                      "iou": round(float(scores["iou"][j]), 6), "dice": float(scores["dice"][j])}
+                     for j, c in enumerate(cands)), key=lambda c: -c["iou"])
+    truth = dict(tag="gt", mask=gt, path=frame.mask_path, iou=1.0)
+    if args.mode == "gt":
+        if ranked[0]["dice"] >= args.max_dice:
+            return [], "dice above --max_dice"
+        pairs = [(truth, ranked[0])]
+    elif args.pairing == "best_worst":
+        pairs = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
+    else:
+        pairs = [(a, b) for j, a in enumerate(ranked) for b in ranked[j + 1:]]
+        pairs.sort(key=lambda p: p[1]["iou"] - p[0]["iou"])
+        pairs = pairs[:args.max_pairs_per_image or None]
+    if args.include_gt and args.mode != "gt":
+        pairs.append((truth, ranked[0]))
+    pairs = [(a, b) for a, b in pairs if a["iou"] - b["iou"] >= args.min_iou_gap - 1e-9]
+    return pairs, None if pairs else "iou gap below --min_iou_gap"
+
+
+def packed(side):
+    """A candidate ready to be sent to rank 0: its file if it has one, else its bit-packed mask."""
+    if side["path"]:
+        return dict(tag=side["tag"], iou=side["iou"], path=side["path"])
+    mask = side["mask"].numpy().astype(bool)
+    return dict(tag=side["tag"], iou=side["iou"], shape=mask.shape, bits=np.packbits(mask))
+
+
+def write_output(args, records, summary):
+    """Write the pairs folder under <output>.tmp and rename it into place."""
+    final = os.path.abspath(args.output)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "masks"))
+    entries = []
+    for r in records:
+        entry = dict(image=os.path.relpath(r["image_path"], final))
+        for side in ("chosen", "rejected"):
+            s = r[side]
+            if "path" in s:  # an existing file (ground truth, a prediction folder): referenced, not copied
+                entry[f"{side}_mask"] = os.path.relpath(s["path"], final)
+            else:
+                name = os.path.join("masks", f"{r['stem']}__{s['tag']}.png")
+                if not os.path.exists(os.path.join(tmp, name)):
+                    mask = np.unpackbits(s["bits"], count=int(np.prod(s["shape"]))).reshape(s["shape"])
+                    Image.fromarray(mask * np.uint8(255)).save(os.path.join(tmp, name))
+                entry[f"{side}_mask"] = name
+        entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
+                     iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
+        entries.append(entry)
+    write_json(os.path.join(tmp, PAIRS_FILE), entries)
+    write_json(os.path.join(tmp, "summary.json"), summary)
+    load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return entries
+
+
+def summarize(args, records, reasons, num_images):
+    gaps = np.array([r["chosen"]["iou"] - r["rejected"]["iou"] for r in records])
+    summary = dict(mode=args.mode, images=num_images, pairs=len(records),
+                   images_with_pairs=len({r["stem"] for r in records}), skipped=reasons,
+                   chosen_tags={}, rejected_tags={}, args=vars(args))
+    for r in records:
+        for side in ("chosen", "rejected"):
+            tag = r[side]["tag"]
+            summary[f"{side}_tags"][tag] = summary[f"{side}_tags"].get(tag, 0) + 1
+    if len(gaps):
+        summary["iou_gap_quantiles"] = {q: float(np.quantile(gaps, float(q))) for q in ("0", "0.1", "0.25", "0.5",
+                                                                                           "0.75", "0.9", "1")}
+        edges = (args.min_iou_gap,) + tuple(b for b in GAP_BINS if b > args.min_iou_gap)
+        counts, _ = np.histogram(gaps, bins=edges)
+        summary["iou_gap_histogram"] = {f"{lo:g}-{hi:g}": int(c) for lo, hi, c in zip(edges, edges[1:], counts)}
+        summary["mean_chosen_iou"] = float(np.mean([r["chosen"]["iou"] for r in records]))
+        summary["mean_rejected_iou"] = float(np.mean([r["rejected"]["iou"] for r in records]))
+    return summary
+
+
+def main(args):
+    rank, world_size, device = init_distributed(False)
+    seed_everything(args.seed)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise SystemExit(f"--output {args.output} exists; pass --overwrite to replace it")
+    if args.mode == "from_predictions" and not args.predictions:
+        raise SystemExit("--mode from_predictions needs --predictions NAME=DIR [NAME=DIR ...]")
+    if args.mode == "generate" and args.num_samples < 1:
+        raise SystemExit("--num_samples must be >= 1")
+    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
+                         allow_empty_annotations=args.allow_empty_annotations)
+    if args.split != "all":
+        splits = load_splits(args.data, frames, args.val_fraction, args.seed)
+        if args.split not in splits:
+            raise SystemExit(f"--split {args.split}: the data has splits {sorted(splits)}")
+        frames = cap_frames(splits[args.split], args.max_train_samples if args.split == "train" else args.max_val_samples)
+    print0(f"{args.mode}: {len(frames)} images of {args.data} ({args.split})")
+
+    if args.mode == "from_predictions":
+        candidates = prediction_candidates(args, frames, rank, world_size)
+    else:
+        candidates = model_candidates(args, frames, rank, world_size, device)
+    records, reasons = [], {}
+    for index, cands in candidates.items():
+        pairs, reason = select_pairs(args, frames[index], cands)
+        if reason:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for chosen, rejected in pairs:
+            records.append(dict(index=index, stem=frames[index].key, image_path=frames[index].image_path,
+                                chosen=packed(chosen), rejected=packed(rejected)))
+    # every rank paired its own shard; rank 0 writes everything
+    records = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r["index"])
+    for part in all_gather_objects(reasons)[1:]:
+        for k, v in part.items():
+            reasons[k] = reasons.get(k, 0) + v
+    summary = summarize(args, records, reasons, len(frames))
+    if not records:
+        raise SystemExit(f"no pair passed (skipped: {reasons}); lower --min_iou_gap, raise --num_samples or "
+                         f"--temperature, or check the model")
+    if is_main():
+        write_output(args, records, summary)
+        print0(f"wrote {len(records)} pairs of {summary['images_with_pairs']}/{len(frames)} images to "
+               f"{os.path.join(args.output, PAIRS_FILE)}; skipped images: {reasons or 'none'}")
+        print0(f"mean IoU chosen {summary['mean_chosen_iou']:.4f} rejected {summary['mean_rejected_iou']:.4f}; "
+               f"chosen {summary['chosen_tags']} rejected {summary['rejected_tags']}")
+        print0("iou_gap quantiles: " + " ".join(f"q{k} {v:.3f}" for k, v in summary["iou_gap_quantiles"].items()))
+        print0("iou_gap histogram: " + " ".join(f"[{k}) {v}" for k, v in summary["iou_gap_histogram"].items()))
+    cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

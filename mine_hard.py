@@ -1,0 +1,238 @@
+"""Score every sample of a split, list the hard ones (Dice < 0.75) and the temporal hard clusters.
+
+A frame is hard when the model's Dice on it is below --threshold_hard (0.75, the methodology's
+stage 3). Frames of one video are neighbours in time, so runs of consecutive hard frames
+("temporal hard clusters": a hard anatomy, a washed-out stretch, fast motion) are reported too.
+Scoring runs the batched forward path (common/evaluation.score_loader) on any number of
+processes; rank 0 writes.
+
+    python mine_hard.py --model /path/to/Sa2VA-4B --init runs/dpo_x/best --data /path/to/vessels --plot
+
+Writes --output (hard_samples.json, atomically): model, init, data, split, thresholds, Dice
+buckets, per-sample scores, the hard list (keys = file stems, hardest first) and the clusters;
+with --plot, dice_plots/<video>.png beside it (Dice over frame index, clusters shaded).
+Prints the bucket histogram, the hardest samples and the clusters.
+"""
+import os
+import re
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common import cli
+from common.data import EvalSampler, VesselDataset, cap_frames, load_splits, scan_folder
+from common.engine import cleanup, init_distributed, is_main, print0, seed_everything, write_json
+from common.evaluation import score_loader
+from common.lora import load_stage
+from common.sa2va import Sa2VAProcessor, describe, load_model
+
+HARD_THRESHOLD = 0.75  # the methodology's stage-3 definition of a hard sample
+BUCKET_EDGES = (0.50, 0.65, 0.75)  # the buckets the methodology reports: < 0.50, 0.50-0.65, 0.65-0.75, >= 0.75
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    g = p.add_argument_group("mining")
+    g.add_argument("--split", default="train", help="split to score: train, val (test if splits.json has it) or all")
+    g.add_argument("--threshold_hard", type=float, default=HARD_THRESHOLD,
+                   help="a sample is hard when its Dice is below this (--threshold stays the probability threshold)")
+    g.add_argument("--min_cluster_len", type=int, default=2, help="hard frames a temporal cluster needs")
+    g.add_argument("--max_gap", type=int, default=0,
+                   help="easy frames that may be bridged inside a cluster (0 = only unbroken runs)")
+    g.add_argument("--top", type=int, default=10, help="hardest samples listed in the report")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    g.add_argument("--output", default="hard_samples.json", help="the JSON file to write")
+    g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index (dice_plots/)")
+    return p.parse_args(argv)
+
+
+def select_frames(args):
+    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
+                         allow_empty_annotations=args.allow_empty_annotations)
+    if args.split == "all":
+        return frames
+    splits = load_splits(args.data, frames, args.val_fraction, args.seed)
+    if args.split not in splits:
+        raise SystemExit(f"--split {args.split}: the data has splits {sorted(splits)} (or use all)")
+    # the same caps as the training scripts, so a mined train list names the frames they train on
+    return cap_frames(splits[args.split], args.max_train_samples if args.split == "train" else args.max_val_samples)
+
+
+def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0):
+    """Temporal hard clusters: runs of hard frames (Dice < threshold) of one video.
+
+    scores_by_video: {video: sequence} where each item is a Dice (frame = its position), a
+    (frame, dice) pair or a (frame, dice, key) triple. Frames are ordered by index, and
+    "consecutive" means neighbours among the frames present (data sampled every k-th frame
+    still forms runs). Two hard frames with at most `max_gap` easy frames between them belong
+    to one cluster; a cluster starts and ends with a hard frame and needs at least `min_len`
+    hard frames. Returns a list of dict(video, first_frame, last_frame, length (frames in the
+    span, bridged ones included), hard_frames, mean_dice and min_dice over the span, frames,
+    keys (None where not given)), by video then first frame."""
+    if min_len < 1 or max_gap < 0:
+        raise ValueError(f"min_len must be >= 1 and max_gap >= 0, got {min_len} and {max_gap}")
+    clusters = []
+    for video in sorted(scores_by_video):
+        rows = [(i, float(r), None) if np.isscalar(r) else (int(r[0]), float(r[1]), r[2] if len(r) > 2 else None)
+                for i, r in enumerate(scores_by_video[video])]
+        rows.sort(key=lambda r: r[0])
+        frames = [r[0] for r in rows]
+        if len(set(frames)) != len(frames):
+            raise ValueError(f"video {video!r}: frame index {next(f for f in frames if frames.count(f) > 1)} twice")
+        hard = [pos for pos, r in enumerate(rows) if r[1] < threshold]
+        groups = []
+        for pos in hard:
+            if groups and pos - groups[-1][-1] - 1 <= max_gap:  # only easy frames lie between two hard ones
+                groups[-1].append(pos)
+            else:
+                groups.append([pos])
+        for group in groups:
+            if len(group) < min_len:
+                continue
+            span = rows[group[0]:group[-1] + 1]
+            dices = [r[1] for r in span]
+            clusters.append(dict(video=video, first_frame=span[0][0], last_frame=span[-1][0], length=len(span),
+                                 hard_frames=len(group), mean_dice=float(np.mean(dices)), min_dice=min(dices),
+                                 frames=[r[0] for r in span], keys=[r[2] for r in span]))
+    return clusters
+
+
+def dice_buckets(dices, edges=BUCKET_EDGES):
+    """Histogram of Dice values: [dict(label, low, high, count, share)], counts summing to len(dices)."""
+    bounds = [0.0] + list(edges) + [None]
+    out = []
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        label = f"< {high:.2f}" if low == 0.0 else f">= {low:.2f}" if high is None else f"{low:.2f}-{high:.2f}"
+        # the first bucket takes everything below its upper edge, the last everything from its lower edge
+        count = sum(1 for d in dices if (low == 0.0 or d >= low) and (high is None or d < high))
+        out.append(dict(label=label, low=low, high=high, count=count, share=count / len(dices) if dices else 0.0))
+    return out
+
+
+def build_report(records, frames, args):
+    """The content of hard_samples.json from score_loader records (one threshold)."""
+    scores = []
+    for r in records:
+        f = frames[r["index"]]
+        scores.append(dict(key=f.key, video=f.video, frame=f.frame, dice=r["dice"][0], iou=r["iou"][0],
+                           recall=r["recall"][0], precision=r["precision"][0]))
+    dices = [s["dice"] for s in scores]
+    hard = sorted((s for s in scores if s["dice"] < args.threshold_hard), key=lambda s: s["dice"])
+    by_video = {}
+    for s in scores:
+        by_video.setdefault(s["video"], []).append((s["frame"], s["dice"], s["key"]))
+    return dict(model=args.model, init=args.init, data=os.path.abspath(args.data), split=args.split,
+                probability_threshold=args.threshold, threshold_hard=args.threshold_hard,
+                min_cluster_len=args.min_cluster_len, max_gap=args.max_gap, prompt=args.prompt, answer=args.answer,
+                created=time.strftime("%Y-%m-%d %H:%M:%S"), samples=len(scores),
+                mean_dice=float(np.mean(dices)) if dices else None, hard_count=len(hard),
+                hard_share=len(hard) / len(scores) if scores else 0.0, buckets=dice_buckets(dices),
+                hard=[s["key"] for s in hard], clusters=find_clusters(by_video, args.threshold_hard,
+                                                                      args.min_cluster_len, args.max_gap),
+                scores=scores)
+
+
+def print_report(report, top=10):
+    n = report["samples"]
+    print(f"{report['hard_count']} of {n} samples ({100 * report['hard_share']:.1f}%) are hard "
+          f"(Dice < {report['threshold_hard']:g}); mean Dice {report['mean_dice']:.4f}")
+    print("Dice buckets:")
+    for b in report["buckets"]:
+        print(f"  {b['label']:>10} {b['count']:6d} {100 * b['share']:6.1f}%  " + "#" * round(40 * b["share"]))
+    ranked = sorted(report["scores"], key=lambda s: s["dice"])[:top]
+    print(f"hardest {len(ranked)}:")
+    print(f"  {'key':<32} {'video':<20} {'frame':>6} {'dice':>7} {'recall':>7} {'precision':>9}")
+    for s in ranked:
+        print(f"  {s['key']:<32} {s['video']:<20} {s['frame']:6d} {s['dice']:7.4f} {s['recall']:7.4f} "
+              f"{s['precision']:9.4f}")
+    clusters = report["clusters"]
+    print(f"temporal hard clusters (>= {report['min_cluster_len']} hard frames, gaps <= {report['max_gap']}): "
+          f"{len(clusters)}")
+    for c in clusters:
+        print(f"  {c['video']:<20} frames {c['first_frame']}-{c['last_frame']} ({c['length']} frames, "
+              f"{c['hard_frames']} hard) mean Dice {c['mean_dice']:.4f} min {c['min_dice']:.4f}")
+
+
+def plot_video(path, video, rows, threshold, clusters, height=220):
+    """PNG of Dice over frame position: points red when hard, threshold dashed, clusters shaded.
+    rows: [(frame, dice)] sorted by frame. Pillow only."""
+    left, right, top, bottom = 44, 12, 24, 28
+    width = max(360, left + right + 16 * len(rows))
+    step = (width - left - right) / max(1, len(rows) - 1)
+    x = lambda pos: left + pos * step  # noqa: E731 (a two-use mapping)
+    y = lambda d: top + (1.0 - d) * (height - top - bottom)  # noqa: E731
+    im = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(im)
+    position = {frame: pos for pos, (frame, _) in enumerate(rows)}
+    for c in clusters:
+        a, b = position[c["first_frame"]], position[c["last_frame"]]
+        draw.rectangle([max(left, x(a) - step / 2), top, min(width - right, x(b) + step / 2), height - bottom],
+                       fill=(255, 215, 215))
+    for d in (0.0, 0.5, 1.0):
+        draw.line([left, y(d), width - right, y(d)], fill=(210, 210, 210))
+        draw.text((4, y(d) - 6), f"{d:.1f}", fill="black")
+    for x0 in range(left, width - right, 8):  # dashed threshold line
+        draw.line([x0, y(threshold), min(x0 + 4, width - right), y(threshold)], fill=(220, 0, 0))
+    points = [(x(pos), y(d)) for pos, (_, d) in enumerate(rows)]
+    if len(points) > 1:
+        draw.line(points, fill=(30, 80, 200), width=2)
+    label_every = max(1, len(rows) // 12)
+    for pos, ((frame, d), (px, py)) in enumerate(zip(rows, points)):
+        colour = (220, 0, 0) if d < threshold else (30, 80, 200)
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        if pos % label_every == 0:
+            draw.text((px - 6, height - bottom + 6), str(frame), fill="black")
+    draw.text((left, 4), f"{video}: Dice per frame (threshold {threshold:g})", fill="black")
+    im.save(path)
+
+
+def write_plots(report, folder):
+    os.makedirs(folder, exist_ok=True)
+    by_video, names = {}, set()
+    for s in report["scores"]:
+        by_video.setdefault(s["video"], []).append((s["frame"], s["dice"]))
+    for video, rows in sorted(by_video.items()):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", video) or "video"
+        while name in names:  # two video ids that sanitise alike
+            name += "_"
+        names.add(name)
+        plot_video(os.path.join(folder, name + ".png"), video, sorted(rows), report["threshold_hard"],
+                   [c for c in report["clusters"] if c["video"] == video])
+    return len(by_video)
+
+
+def main(args):
+    rank, world_size, device = init_distributed(False)
+    seed_everything(args.seed)
+    frames = select_frames(args)
+    dataset = VesselDataset(frames, args.resize_masks)
+    model, tokenizer = load_model(args.model, seed=args.seed)
+    if args.init:
+        load_stage(model, args.init)
+    model.to(device).eval()
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
+                                         collate_fn=processor, num_workers=args.num_workers)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
+    print0(f"mining {len(dataset)} frames of {args.data} ({args.split}) with {args.init or args.model}")
+    records = score_loader(model, loader, device, (args.threshold,), autocast=autocast, desc="mining")
+    report = build_report(records, frames, args)
+    if is_main():
+        folder = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(folder, exist_ok=True)
+        write_json(args.output, report)
+        print_report(report, args.top)
+        print(f"wrote {args.output}")
+        if args.plot:
+            n = write_plots(report, os.path.join(folder, "dice_plots"))
+            print(f"wrote {n} plot(s) to {os.path.join(folder, 'dice_plots')}")
+    cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,407 @@
+"""Stage 3: supervised training on the hard samples, with the frozen work computed once.
+
+Dice + 0.5*BCE through the differentiable forward path on the samples the starting model
+(--init: the DPO or SFT checkpoint) segments worst: the hard list of mine_hard.py (--hard_list)
+or the train frames with Dice < --threshold_hard scored on the fly (--mine). Only
+text_hidden_fcs and the SAM2 mask decoder train; the LLM and its LoRA adapter stay frozen, so a
+sample's [SEG] hidden state and SAM2 image features are constants: computed once per sample
+(a no-grad pass over each epoch's not yet cached samples; common/forward.FeatureCache), so the
+training steps run only the trained heads, without even decoding the image. Options: replay easy samples (--easy_ratio), flip/rotate hard
+samples (--augment; features cached per view), re-mine after each round (--iterations).
+Validation every epoch on the whole val split and on its hard and easy parts (by the starting
+model's Dice); best/ is chosen on the whole split.
+
+    deepspeed train_hard.py --model /path/to/Sa2VA-4B --init runs/dpo_x/best --data /path/to/vessels \
+        --hard_list hard_samples.json --bf16
+    python train_hard.py --data synthetic_data --init runs/sft_x/best --mine --lr 3e-3   # CPU, tiny model
+
+Writes <output>/hard_<timestamp>/: best/ and final/ (stage checkpoints), training_info.json,
+train.log, metrics.jsonl, tensorboard/, checkpoints/ (for --resume).
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import cli
+from common.data import DataError, EvalSampler, VesselDataset, build_splits, frame_mask, image_size
+from common.engine import (RunLogger, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
+                           init_distributed, is_main, load_resume_point, log_train_window, make_run_dir, rng_state,
+                           save_resume_point, seed_everything, set_rng_state, versions, write_json)
+from common.evaluation import METRICS, score_loader, summarize
+from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
+from common.lora import base_fingerprint, read_stage_meta, save_stage
+from common.losses import segmentation_loss
+from common.sa2va import Sa2VAProcessor, describe
+
+STAGE = "hard"
+VIEWS = 8  # the dihedral views of a frame: 4 quarter turns, each with or without a left-right flip
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    cli.add_train_args(p, lr=1e-5, epochs=5, batch_size=4, grad_accum=2, weight_decay=0.01,
+                       trainable="text_hidden_fcs,mask_decoder")
+    cli.add_lora_args(p, preset="none")
+    g = p.add_argument_group("hard samples")
+    g.add_argument("--hard_list", default=None, help="hard_samples.json of mine_hard.py: its `hard` keys that are "
+                                                     "train frames are trained on")
+    g.add_argument("--mine", action="store_true", help="instead of --hard_list: score the train split with the "
+                                                       "starting model and train on Dice < --threshold_hard")
+    g.add_argument("--threshold_hard", type=float, default=0.75,
+                   help="hard = Dice below this (mining, and the hard/easy parts of the val split)")
+    g.add_argument("--easy_ratio", type=float, default=0.0,
+                   help="share of the train split's easy frames replayed each epoch (a new random subset each epoch)")
+    g.add_argument("--augment", action="store_true",
+                   help="each epoch a random flip / 90-degree rotation of every hard frame, image and mask together")
+    g.add_argument("--iterations", type=int, default=1,
+                   help="rounds of --epochs epochs; each round after the first re-mines the train split with the "
+                        "current model")
+    g = p.add_argument_group("loss")
+    g.add_argument("--dice_weight", type=float, default=1.0, help="weight of the soft Dice loss")
+    g.add_argument("--bce_weight", type=float, default=0.5, help="weight of the per-pixel BCE loss")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- hard items and their cached features
+
+def dihedral(array, view):
+    """View 0-7 of an (H, W[, C]) array: `view % 4` quarter turns, then a left-right flip for view >= 4."""
+    if view == 0:
+        return array
+    array = np.rot90(array, view % 4)
+    return np.ascontiguousarray(array[:, ::-1] if view >= 4 else array)
+
+
+def view_key(key, view):
+    # view 0 keeps the plain stem, so its features are shared with mining and evaluation
+    return key if view == 0 else f"{key}@view{view}"
+
+
+class HardItems(torch.utils.data.Dataset):
+    """(frame index, view) items. An item whose frozen features are all cached (`cached`, the
+    keys known when the epoch's DataLoader is made) skips the image: only its mask is read."""
+
+    def __init__(self, frames, items, resize_masks=False, cached=frozenset()):
+        self.frames, self.items, self.cached = VesselDataset(frames, resize_masks), items, cached
+
+    def __len__(self):
+        return len(self.items)
+
+    def full(self, item):
+        index, view = item
+        s = self.frames[index]
+        return dict(s, image=Image.fromarray(dihedral(np.asarray(s["image"]), view)), mask=dihedral(s["mask"], view),
+                    key=view_key(s["key"], view))
+
+    def __getitem__(self, i):
+        index, view = self.items[i]
+        f = self.frames.frames[index]
+        key = view_key(f.key, view)
+        if key not in self.cached:
+            return self.full(self.items[i])
+        mask, size = frame_mask(f), image_size(f.image_path)  # the header only
+        if mask.shape != tuple(size):  # only with --resize_masks: as VesselDataset does
+            mask = np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
+        return dict(image=None, mask=dihedral(mask, view), key=key, item=self.items[i])
+
+
+class HardCollate:
+    """A batch of cached items becomes a features-only batch (keys, sizes, masks) that
+    forward_batch serves from the cache; any other batch goes through the processor."""
+
+    def __init__(self, processor, dataset):
+        self.processor, self.dataset = processor, dataset
+
+    def __call__(self, samples):
+        if all(s["image"] is None for s in samples):
+            masks = [torch.from_numpy(s["mask"]) for s in samples]
+            # forward_batch reads only the device of input_ids when both features come from the cache
+            return dict(input_ids=torch.zeros((len(samples), 0), dtype=torch.long), keys=[s["key"] for s in samples],
+                        image_sizes=[tuple(m.shape) for m in masks], masks=masks)
+        return self.processor([self.dataset.full(s["item"]) if s["image"] is None else s for s in samples])
+
+
+def cached_keys(cache, model):
+    """Keys whose every frozen input is cached (none when the LLM trains: its state changes)."""
+    return frozenset(cache.fpn.keys() & cache.seg_hidden.keys()) if llm_is_frozen(model) else frozenset()
+
+
+def epoch_items(hard, easy, args, round_, epoch, rank, world_size):
+    """This rank's (frame index, view) items of one epoch. A hard frame stays on one rank for the
+    whole round (its cached features live there); views, easy replay and order are drawn from a
+    generator seeded by (seed, round, epoch), so a resumed run redraws the same epoch."""
+    g = random.Random(f"{args.seed}-{round_}-{epoch}")
+    items = [(i, g.randrange(VIEWS) if args.augment else 0) for i in hard]
+    items += [(i, 0) for i in sorted(g.sample(easy, round(args.easy_ratio * len(easy))))]
+    per_rank = math.ceil(len(items) / world_size)
+    mine = items[rank::world_size] or items  # fewer items than ranks: borrow
+    mine = [mine[i % len(mine)] for i in range(per_rank)]  # every rank the same count, padded with its own items
+    g.shuffle(mine)
+    return mine
+
+
+def train_mode(model):
+    """Train mode for the trained heads only: frozen modules stay in eval mode, so no dropout
+    (LoRA's, say) changes features that are cached as constants."""
+    model.train()
+    if llm_is_frozen(model):
+        for m in (model.vision_model, model.mlp1, model.language_model):
+            m.eval()
+    model.grounding_encoder.sam2_model.image_encoder.eval()
+
+
+@torch.no_grad()
+def fill_cache(model, dataset, processor, loader_kw, batch_size, device, cache, autocast):
+    """Run the frozen parts once over `dataset` (HardItems) and cache their features."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, collate_fn=HardCollate(processor, dataset), **loader_kw)
+    for batch in loader:
+        with autocast():
+            forward_batch(model, move_batch(batch, device), cache)
+
+
+def hard_loss(model, batch, device, cache, dice_weight, bce_weight, autocast=contextlib.nullcontext):
+    """dict(loss, dice, bce) of one batch through the forward path (frozen features from `cache`)."""
+    masks = [m.to(device).float() for m in batch["masks"]]
+    batch = move_batch(batch, device)
+    with autocast():
+        out = forward_batch(model, batch, cache)
+    logits = full_size_logits(model, out["low_res_logits"], batch["image_sizes"])
+    return segmentation_loss(logits, masks, dice_weight, bce_weight)
+
+
+def read_hard_list(path, train_frames, val_frames, log):
+    """Train-frame indices of the `hard` keys of a hard_samples.json (others are left out, said so)."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"--hard_list {path}: file not found (write it with mine_hard.py, or pass --mine)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--hard_list {path}: not valid JSON ({e})") from None
+    hard = spec.get("hard") if isinstance(spec, dict) else None
+    if not isinstance(hard, list) or not all(isinstance(k, str) for k in hard):
+        raise DataError(f"--hard_list {path}: needs a list of file stems under 'hard' (mine_hard.py writes it)")
+    train = {f.key: i for i, f in enumerate(train_frames)}
+    in_val = [k for k in hard if k in {f.key for f in val_frames}]
+    unknown = [k for k in hard if k not in train and k not in in_val]
+    if in_val:
+        log(f"hard list: {len(in_val)} key(s) are validation frames, left out (validation stays held out)")
+    if unknown:
+        log(f"hard list: {len(unknown)} key(s) are not train frames of this data, left out, e.g. {unknown[0]!r}")
+    if not any(k in train for k in hard):
+        raise DataError(f"--hard_list {path}: none of its {len(hard)} hard keys is a train frame of the data")
+    return sorted(train[k] for k in hard if k in train), spec
+
+
+def subset_metrics(records, val_hard, threshold):
+    """{val, val_hard, val_easy: summary at `threshold`, or None for an empty part}."""
+    parts = dict(val=records, val_hard=[r for r in records if r["key"] in val_hard],
+                 val_easy=[r for r in records if r["key"] not in val_hard])
+    return {name: summarize(rs, (threshold,))[float(threshold)] if rs else None for name, rs in parts.items()}
+
+
+def describe_val(v):
+    part = lambda s, name: f"{name} {s['mean_dice']:.4f} (n={s['samples']})" if s else f"{name} -"  # noqa: E731
+    return (f"dice {v['val']['mean_dice']:.4f} recall {v['val']['mean_recall']:.4f} precision "
+            f"{v['val']['mean_precision']:.4f} | {part(v['val_hard'], 'hard')} {part(v['val_easy'], 'easy')}")
+
+
+def main(args):
+    if bool(args.hard_list) == bool(args.mine):
+        raise SystemExit("pass exactly one of --hard_list FILE and --mine")
+    # ---- setup
+    deepspeed_on = cli.use_deepspeed(args)
+    rank, world_size, device = init_distributed(deepspeed_on)
+    seed_everything(args.seed + rank)
+    run_dir = make_run_dir(args.output, STAGE, args.resume)
+    logger = RunLogger(run_dir, enabled=is_main())
+    logger.line(f"run folder: {run_dir}")
+
+    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    # the checkpoint must stand alone: keep what the init trained (prompt encoder, say) next to our parts
+    init_parts = read_stage_meta(args.init).get("trained_parts", []) if args.init else []
+    save_parts = parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
+                                            args.max_val_samples, args.video_regex, args.resize_masks,
+                                            data_format=args.data_format,
+                                            allow_empty_annotations=args.allow_empty_annotations)
+    if not val_frames:
+        raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")
+    loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+    def eval_loader(frames):
+        dataset = VesselDataset(frames, args.resize_masks)
+        sampler = EvalSampler(len(dataset), rank, world_size)
+        return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor, **loader_kw)
+
+    train_eval_loader, val_loader = eval_loader(train_frames), eval_loader(val_frames)
+
+    def mine(desc, autocast):
+        # no cache here: its memory goes to the frames that train (and to validation)
+        records = score_loader(model, train_eval_loader, device, (args.threshold,), autocast=autocast, desc=desc)
+        dice = {r["key"]: r["dice"][0] for r in records}
+        return [i for i, f in enumerate(train_frames) if dice[f.key] < args.threshold_hard]
+
+    state = dict(round=0, epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[],
+                 bad_steps=0, hard=None, rounds=[])
+    hard_spec = {}
+    if args.hard_list:
+        state["hard"], hard_spec = read_hard_list(args.hard_list, train_frames, val_frames, logger.line)
+        if hard_spec.get("init") != args.init:
+            logger.line(f"note: {args.hard_list} was mined with init {hard_spec.get('init')!r}, training starts "
+                        f"from {args.init!r}")
+
+    if state["hard"] is None:  # --mine: before the engine, to plan the schedule on the real hard count,
+        # in the dtype training will use (DeepSpeed bf16 casts the module itself; plain torch autocasts)
+        model.to(device=device, dtype=torch.bfloat16 if deepspeed_on and args.bf16 else None)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 and not deepspeed_on \
+            else None
+        state["hard"] = mine("mining train", autocast)
+    planned = len(state["hard"])  # the schedule follows the first round's size (later rounds' may differ)
+    n_easy = round(args.easy_ratio * (len(train_frames) - planned))
+    per_rank = math.ceil((planned + n_easy) / world_size)
+    steps_per_epoch = max(1, math.ceil(per_rank / args.batch_size) // args.grad_accum)
+    total_steps = steps_per_epoch * args.epochs * args.iterations
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
+    model = engine.module
+    cache = FeatureCache(device, args.feature_cache_gb)
+    logger.line(f"data: {len(train_frames)} train / {len(val_frames)} val frames; {planned} hard + {n_easy} easy "
+                f"replayed per epoch; effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} "
+                f"procs; ~{total_steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} (its [SEG] states "
+                f"{'are' if llm_is_frozen(model) else 'are not'} cached)")
+
+    # ---- resume, or score the val split once with the starting model (hard/easy parts)
+    if args.resume:
+        client = load_resume_point(engine, run_dir)
+        if client is None:
+            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
+        else:
+            state = client["trainer"]
+            set_rng_state(client["rng"])
+            logger.line(f"resumed at round {state['round'] + 1}, epoch {state['epoch']}, step {state['step']}")
+    if "val_hard" not in state:
+        records = score_loader(model, val_loader, device, (args.threshold,), autocast=engine.autocast, desc="val")
+        state["val_hard"] = sorted(r["key"] for r in records if r["dice"][0] < args.threshold_hard)
+        state["initial_val"] = subset_metrics(records, set(state["val_hard"]), args.threshold)
+        logger.line(f"initial val: {describe_val(state['initial_val'])}")
+    val_hard = set(state["val_hard"])
+
+    def checkpoint():
+        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+
+    def meta(epoch, metrics):
+        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
+                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer,
+                    hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]])
+
+    # ---- training: rounds of (hard set, epochs)
+    t_start = time.time()
+    while state["round"] < args.iterations:
+        if state["hard"] is None:  # a later round: re-mine with the current model
+            state["hard"] = mine(f"re-mining train (round {state['round'] + 1})", engine.autocast)
+        if state["epoch"] == 0 and len(state["rounds"]) == state["round"]:
+            state["rounds"].append(dict(round=state["round"] + 1, hard=[train_frames[i].key for i in state["hard"]]))
+            logger.line(f"round {state['round'] + 1}/{args.iterations}: {len(state['hard'])} hard train frames "
+                        f"(Dice < {args.threshold_hard:g})")
+        if not state["hard"]:
+            logger.line(f"no train frame has Dice < {args.threshold_hard:g}: nothing (more) to train")
+            break
+        hard_set = set(state["hard"])
+        easy = [i for i in range(len(train_frames)) if i not in hard_set]
+        while state["epoch"] < args.epochs:
+            epoch = state["round"] * args.epochs + state["epoch"]  # counted over all rounds
+            items = epoch_items(state["hard"], easy, args, state["round"], state["epoch"], rank, world_size)
+            items = items[state["micro_in_epoch"] * args.batch_size:]
+            train_mode(model)
+            t_epoch = time.time()
+            # frozen features of the items not cached yet, first: then every training batch is served whole
+            # from the cache (a batch with one missing sample would recompute all of its samples)
+            known = cached_keys(cache, model)
+            new = sorted({it for it in items if view_key(train_frames[it[0]].key, it[1]) not in known})
+            if new and llm_is_frozen(model) and cache.bytes < cache.limit_bytes:
+                fill_cache(model, HardItems(train_frames, new, args.resize_masks), processor, loader_kw,
+                           args.batch_size, device, cache, engine.autocast)
+            dataset = HardItems(train_frames, items, args.resize_masks, cached_keys(cache, model))
+            loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
+                                                 **loader_kw)
+            window, t_window, seen = [], time.time(), 0
+            hits_before = cache.hits["fpn"]
+            for batch in loader:
+                losses = hard_loss(model, batch, device, cache, args.dice_weight, args.bce_weight, engine.autocast)
+                engine.backward(finite_or_zero(losses["loss"], params, state, args.max_bad_steps, logger.line))
+                stepped = engine_step(engine)
+                state["micro_in_epoch"] += 1
+                seen += len(batch["keys"])
+                window.append({k: float(v.detach()) for k, v in losses.items()})
+                if not stepped:
+                    continue
+                state["step"] += 1
+                if state["step"] % args.log_every == 0:
+                    log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs * args.iterations} step "
+                                     f"{state['step']}/{total_steps}", window, time.time() - t_window,
+                                     len(window) // args.grad_accum, len(window) * args.batch_size * world_size,
+                                     engine.get_lr()[0])
+                    window, t_window = [], time.time()
+                if args.save_every and state["step"] % args.save_every == 0:
+                    checkpoint()
+            train_seconds, train_hits = time.time() - t_epoch, cache.hits["fpn"] - hits_before
+
+            # ---- end of epoch: cache report, validation on all / hard / easy, best/, resume point
+            logger.line(f"epoch {epoch + 1} train: {seen} samples in {train_seconds:.1f} s "
+                        f"({seen / max(train_seconds, 1e-9):.1f} samples/s), {len(new)} computed, {train_hits} "
+                        f"served from the cache; cache: {cache.summary()}")
+            records = score_loader(model, val_loader, device, (args.threshold,), cache=cache, autocast=engine.autocast,
+                                   desc="validating")
+            val = subset_metrics(records, val_hard, args.threshold)
+            state["history"].append(dict(epoch=epoch + 1, round=state["round"] + 1, step=state["step"],
+                                         train_seconds=train_seconds, train_samples=seen, computed=len(new),
+                                         train_cache_hits=train_hits,
+                                         cache=dict(entries=len(cache), mb=cache.bytes / 2 ** 20, hits=dict(cache.hits),
+                                                    misses=dict(cache.misses)), **val))
+            logger.record(state["step"], {f"{name}/{m}": s[f"mean_{m}"] for name, s in val.items() if s
+                                          for m in METRICS} | {"cache/entries": len(cache),
+                                                               "cache/seg_hidden_hits": cache.hits["seg_hidden"],
+                                                               "train/epoch_seconds": train_seconds})
+            logger.line(f"epoch {epoch + 1} val: {describe_val(val)}")
+            if val["val"]["mean_dice"] > state["best_dice"]:
+                state["best_dice"], state["best_epoch"] = val["val"]["mean_dice"], epoch + 1
+                if is_main():
+                    save_stage(model, os.path.join(run_dir, "best"), save_parts, meta(epoch + 1, val),
+                               gather_for_save(engine))
+            state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
+            checkpoint()
+        state["round"], state["epoch"], state["hard"] = state["round"] + 1, 0, None
+
+    # ---- final save and summary
+    final_val = state["history"][-1] if state["history"] else {}
+    if is_main():
+        save_stage(model, os.path.join(run_dir, "final"), save_parts, meta(len(state["history"]), final_val),
+                   gather_for_save(engine))
+        write_json(os.path.join(run_dir, "training_info.json"), dict(
+            stage=STAGE, args=vars(args), hard_list=dict(path=args.hard_list, init=hard_spec.get("init"),
+                                                         threshold_hard=hard_spec.get("threshold_hard")),
+            rounds=state["rounds"], val_hard_keys=state["val_hard"], initial_val=state["initial_val"],
+            history=state["history"], best_epoch=state["best_epoch"], best_val_dice=state["best_dice"],
+            bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start, world_size=world_size,
+            versions=versions(),
+            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
+    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
+    logger.close()
+    cleanup()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,390 @@
+"""RL alternative: PPO on vessel masks with segmentation rewards (Dice, recall, topology, length).
+
+The policy is the model's own per-pixel Bernoulli distribution over the mask, at the SAM2 mask
+decoder's low resolution (image_size / 4: 256 x 256 for the released 1024 px SAM2, 64 x 64 for
+the tiny model): p_i = sigmoid(logit_i / --temperature). An action is a binary low-res mask
+a ~ Bernoulli(p), sampled --group_size times per image; its log-probability is the mean per-pixel
+log-likelihood log pi(a|x) = mean_i [a_i log p_i + (1 - a_i) log(1 - p_i)] (float32,
+`losses.mask_log_likelihood`; a mean, not a sum over 65k pixels, keeps the ratios of PPO finite).
+Its reward (`--reward_type`, common/rewards.py) is scored at the ground truth's size: the 0/1 action
+is resized exactly as inference resizes logits (bilinear to the SAM2 size, bilinear to the frame)
+and thresholded at 0.5. The temperature only shapes exploration: validation scores the greedy mask
+(sigmoid(logits) > --threshold) with common/evaluation, as every other stage.
+
+Each rollout (nanochat chat_rl style): --rollout_batches batches of --batch_size images are sampled
+under no_grad with the current policy; then --ppo_epochs passes over them (one minibatch = one
+batch, shuffled) recompute the log-probabilities with grad and minimise
+    clipped surrogate (--clip) + kl_coef * KL(pi || pi_ref) - entropy_coef * H(pi) [+ vf_coef * (V - R)^2]
+The reference pi_ref is the policy at the start of the stage: a frozen copy of the trained weights,
+loaded into the model under no_grad for its logits; the KL is the exact per-pixel Bernoulli KL.
+Dropout stays off all the time (model.eval()): rollout and update must be the same policy, so the
+ratio is exactly 1 at the first update of a rollout.
+
+Advantages (`--advantage`):
+  group  (default) A = (R - mean of the image's group) / group std. No extra parameters; needs
+         --group_size >= 2 and G reward evaluations per image (topology/length rewards skeletonise
+         every sample on the CPU).
+  critic A = R - V(image), normalised over the rollout. V is a small value head (LayerNorm +
+         2-layer MLP, 2C -> C -> 1; C = 256 for SAM2: ~0.2M parameters) on the detached [SEG]
+         embedding and mean-pooled SAM2 image features; loss --vf_coef * MSE, its own --critic_lr.
+         Memory: the head, its gradients and Adam state, a few MB, and no extra activations,
+         because it reads features the policy computes anyway. (The "~48 GB, PPO needs a critic"
+         of the original notes is a critic that is a second copy of the model; this is not.)
+         Works with --group_size 1.
+By default the LLM (and a LoRA loaded by --init) is frozen and only text_hidden_fcs + the mask
+decoder train, so with the FeatureCache a rollout and an update cost only these heads.
+
+    deepspeed train_ppo.py --model /path/to/Sa2VA-4B --init runs/sft_x/best --data /path/to/vessels --bf16
+    python train_ppo.py --data synthetic_data --init outputs/sft_x/best --lr 1e-3     # CPU, tiny model
+
+Writes <output>/ppo_<timestamp>/: best/ (by mean validation reward) and final/ (stage checkpoints;
+the critic is not part of them), training_info.json, train.log, metrics.jsonl, tensorboard/,
+checkpoints/ (for --resume).
+"""
+import contextlib
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common import cli
+from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.engine import (RunLogger, all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step,
+                           finite_or_zero, gather_for_save, init_distributed, is_main, load_resume_point,
+                           log_train_window, make_run_dir, rng_state, save_resume_point, seed_everything,
+                           set_rng_state, versions, write_json)
+from common.evaluation import score_loader, summarize
+from common.forward import FeatureCache, forward_batch, move_batch, upsample_logits
+from common.lora import base_fingerprint, save_stage
+from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
+                           normalized_advantages, ppo_clip_loss)
+from common.rewards import REWARDS, make_reward
+from common.sa2va import Sa2VAProcessor, describe
+
+STAGE = "ppo"
+CRITIC = "ppo_value_head"  # the critic's attribute on the model (kept out of stage checkpoints)
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    cli.add_train_args(p, lr=1e-5, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0,
+                       trainable="text_hidden_fcs,mask_decoder")
+    cli.add_lora_args(p, preset="none")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--group_size", type=int, default=4, help="masks sampled per image in a rollout")
+    g.add_argument("--rollout_batches", type=int, default=2,
+                   help="batches of --batch_size images per rollout (= minibatches per PPO epoch)")
+    g.add_argument("--ppo_epochs", type=int, default=4, help="passes over each rollout")
+    g.add_argument("--clip", type=float, default=0.2, help="PPO clip range eps of the probability ratio")
+    g.add_argument("--kl_coef", type=float, default=0.1, help="weight of KL(policy || stage-start policy) per pixel")
+    g.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the per-pixel entropy bonus")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature: p = sigmoid(logits / T)")
+    g.add_argument("--advantage", choices=("group", "critic"), default="group",
+                   help="group: reward minus the image's group mean, / group std; critic: reward minus a value head")
+    g.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's value loss")
+    g.add_argument("--critic_lr", type=float, default=1e-3, help="learning rate of the (freshly initialised) critic")
+    r = p.add_argument_group("reward")
+    r.add_argument("--reward_type", choices=tuple(REWARDS), default="multi_objective",
+                   help="multi_objective: 0.5 dice + 0.2 recall bonus + 0.2 topology + 0.1 length; simple_dice; "
+                        "recall_focused: 0.7 recall + 0.3 dice")
+    for name in ("dice", "recall", "topology", "length"):
+        r.add_argument(f"--{name}_weight", type=float, default=None,
+                       help=f"{name} weight of the reward (default: the reward type's own)")
+    r.add_argument("--recall_target", type=float, default=None,
+                   help="recall at which multi_objective's recall bonus saturates (default: the reward's, 0.85)")
+    r.add_argument("--dynamic_recall", action="store_true",
+                   help="multi_objective: recall weight 0.4 while the running recall of the rollouts is < 0.80")
+    return p.parse_args(argv)
+
+
+def build_reward(args):
+    weights = dict(dice_weight=args.dice_weight, recall_weight=args.recall_weight, topology_weight=args.topology_weight,
+                   length_weight=args.length_weight, recall_target=args.recall_target,
+                   dynamic_recall=True if args.dynamic_recall else None)
+    try:
+        return make_reward(args.reward_type, **weights)
+    except TypeError:
+        given = ", ".join(f"--{k}" for k, v in weights.items() if v is not None)
+        raise SystemExit(f"--reward_type {args.reward_type} does not take all of: {given}") from None
+
+
+def check_args(args, deepspeed_on):
+    if args.advantage == "group" and args.group_size < 2:
+        raise SystemExit("--advantage group needs --group_size >= 2 (or use --advantage critic)")
+    if min(args.group_size, args.rollout_batches, args.ppo_epochs) < 1 or args.temperature <= 0 or args.clip <= 0:
+        raise SystemExit("--group_size, --rollout_batches, --ppo_epochs must be >= 1; --temperature, --clip > 0")
+    if deepspeed_on and args.zero_stage == 3:
+        raise SystemExit("train_ppo.py swaps the reference weights into whole parameters: use --zero_stage 0-2")
+
+
+class ValueHead(nn.Module):
+    """V(image) from the detached [SEG] embedding (B, C) and SAM2 image features (B, C, h, w), mean-pooled."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+
+    def forward(self, seg_embeds, image_features):
+        x = torch.cat([seg_embeds.detach(), image_features.detach().mean((-2, -1))], -1)
+        return self.net(x.to(self.net[1].weight.dtype))[:, 0].float()
+
+
+@contextlib.contextmanager
+def reference_weights(params, reference):
+    """Temporarily put the reference weights into the trained parameters (restored bit for bit after)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, r in zip(params, reference):
+            p.copy_(r)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@torch.no_grad()
+def collect_rollout(model, batch, cache, reward_fn, args, policy_params, reference, autocast):
+    """Sample --group_size masks per image from the current policy and score them.
+
+    Returns dict(batch, actions (B, G, h, w) bool, logp_old (B, G), ref_logits (B, 1, h, w) at the
+    temperature, rewards (B, G), values (B,) or None, terms: reward terms as (B*G,) numpy arrays)."""
+    masks = batch.pop("masks")
+    with autocast():
+        out = forward_batch(model, batch, cache)
+        with reference_weights(policy_params, reference):
+            ref_logits = forward_batch(model, batch, cache)["low_res_logits"]
+    logits = out["low_res_logits"] / args.temperature
+    b, _, h, w = logits.shape
+    probs = logits.sigmoid().expand(b, args.group_size, h, w)
+    actions = torch.bernoulli(probs)
+    logp_old = mask_log_likelihood(logits.expand_as(actions), actions)
+    sam_size = model.grounding_encoder.sam2_model.image_size
+    terms = []
+    for i, gt in enumerate(masks):
+        # the 0/1 action resized as inference resizes logits, > 0.5: what a user would get from it
+        pred = upsample_logits(actions[i][:, None], gt.shape, sam_size) > 0.5
+        terms.append(reward_fn(pred.cpu(), gt.cpu().bool().expand(args.group_size, *gt.shape)))
+    terms = {k: np.concatenate([t[k] for t in terms]) for k in terms[0]}
+    values = getattr(model, CRITIC)(out["seg_embeds"], out["image_features"]) if args.advantage == "critic" else None
+    rewards = torch.tensor(terms["reward"], dtype=torch.float32, device=logits.device).view(b, args.group_size)
+    return dict(batch=batch, actions=actions.bool(), logp_old=logp_old, ref_logits=ref_logits / args.temperature,
+                rewards=rewards, values=values, terms=terms)
+
+
+def set_advantages(rollout, args):
+    """Group baseline per batch, or reward minus the critic's value normalised over the whole rollout."""
+    if args.advantage == "group":
+        for ro in rollout:
+            ro["advantages"] = group_advantages(ro["rewards"])
+        return
+    raw = torch.cat([(ro["rewards"] - ro["values"][:, None]).flatten() for ro in rollout])
+    adv = normalized_advantages(raw).split([ro["rewards"].numel() for ro in rollout])
+    for ro, a in zip(rollout, adv):
+        ro["advantages"] = a.view_as(ro["rewards"])
+
+
+def ppo_loss(model, ro, cache, args, autocast):
+    """The PPO loss of one minibatch, recomputing the policy with grad; returns (loss, stats of floats)."""
+    with autocast():
+        out = forward_batch(model, ro["batch"], cache)
+    logits = out["low_res_logits"] / args.temperature
+    actions = ro["actions"].float()
+    logp = mask_log_likelihood(logits.expand_as(actions), actions)
+    pg = ppo_clip_loss(logp.flatten(), ro["logp_old"].flatten(), ro["advantages"].flatten(), args.clip)
+    kl = bernoulli_kl(logits, ro["ref_logits"]).mean()
+    entropy = bernoulli_entropy(logits).mean()
+    loss = pg["loss"] + args.kl_coef * kl - args.entropy_coef * entropy
+    stats = dict(pg_loss=pg["loss"].item(), kl=kl.item(), entropy=entropy.item(),
+                 clip_fraction=float(pg["clip_fraction"]), ratio=float(pg["ratio"].mean()))
+    if args.advantage == "critic":
+        values = getattr(model, CRITIC)(out["seg_embeds"], out["image_features"])
+        value_loss = ((values[:, None] - ro["rewards"]) ** 2).mean()
+        loss = loss + args.vf_coef * value_loss
+        stats["value_loss"] = value_loss.item()
+    stats["loss"] = loss.item()
+    return loss, stats
+
+
+def rollout_summary(rollout):
+    """Mean reward terms of a rollout's sampled masks (terms skipped by the reward, NaN, left out)."""
+    keys = ("reward", "dice", "recall", "precision", "topology", "length")
+    values = {k: np.concatenate([ro["terms"][k] for ro in rollout]) for k in keys}
+    return {k: float(v.mean()) for k, v in values.items() if np.isfinite(v).all()}
+
+
+def validate_with_reward(model, loader, val_masks, device, args, cache, autocast, reward_fn):
+    """validate()'s metrics of the greedy mask at --threshold, plus its mean reward (base weights)."""
+    records, probs = score_loader(model, loader, device, (args.threshold,), cache, autocast, "validating",
+                                  keep_probs=True)
+    val = summarize(records, (args.threshold,))[float(args.threshold)]
+    # running_recall=1 disables the dynamic recall switch, so val rewards of all epochs compare
+    local = [float(reward_fn(p[None] > args.threshold, val_masks[k][None], running_recall=1.0)["reward"][0])
+             for k, p in probs.items()]
+    rewards = [r for part in all_gather_objects(local) for r in part]
+    val["mean_reward"] = float(np.mean(rewards)) if rewards else float("nan")
+    return val
+
+
+def main(args):
+    # ---- setup
+    deepspeed_on = cli.use_deepspeed(args)
+    check_args(args, deepspeed_on)
+    reward_fn = build_reward(args)
+    rank, world_size, device = init_distributed(deepspeed_on)
+    seed_everything(args.seed + rank)
+    run_dir = make_run_dir(args.output, STAGE, args.resume)
+    logger = RunLogger(run_dir, enabled=is_main())
+    logger.line(f"run folder: {run_dir}")
+
+    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    param_groups = [dict(params=[p for p in model.parameters() if p.requires_grad])]
+    if args.advantage == "critic":
+        setattr(model, CRITIC, ValueHead(model.grounding_encoder.hidden_dim))
+        critic_params = list(getattr(model, CRITIC).parameters())
+        param_groups.append(dict(params=critic_params, lr=args.critic_lr, weight_decay=0.0))
+        logger.line(f"critic: value head with {sum(p.numel() for p in critic_params):,} parameters, lr {args.critic_lr}")
+    logger.line(f"reward: {args.reward_type}, weights {reward_fn.base_weights}, recall target "
+                f"{reward_fn.recall_target}, dynamic recall {reward_fn.dynamic_recall}")
+
+    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
+                                            args.max_val_samples, args.video_regex, args.resize_masks,
+                                            data_format=args.data_format,
+                                            allow_empty_annotations=args.allow_empty_annotations)
+    train_set = VesselDataset(train_frames, args.resize_masks)
+    val_set = VesselDataset(val_frames, args.resize_masks)
+    sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
+    val_sampler = EvalSampler(len(val_set), rank, world_size)
+    loader_kw = dict(collate_fn=processor, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=val_sampler, **loader_kw)
+    val_masks = {val_set.frames[i].key: torch.from_numpy(val_set[i]["mask"]) for i in val_sampler}
+    batches_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch * args.ppo_epochs // args.grad_accum)
+    total_steps = steps_per_epoch * args.epochs
+    logger.line(f"data: {len(train_set)} train / {len(val_set)} val frames; rollouts of {args.rollout_batches} x "
+                f"{args.batch_size} images x {args.group_size} masks x {world_size} procs, {args.ppo_epochs} PPO "
+                f"epochs each; {total_steps} optimizer steps")
+
+    engine = build_engine(model, param_groups, args, total_steps, device, deepspeed_on, world_size)
+    model = engine.module
+    model.eval()  # dropout off for good: the rollout and the update must be the same policy
+    cache = FeatureCache(device, args.feature_cache_gb)
+    policy_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(CRITIC)]
+    all_params = [p for p in model.parameters() if p.requires_grad]
+    # the reference = the policy at the start of the stage, taken before a resume point is loaded
+    reference = [p.detach().clone() for p in policy_params]
+
+    # ---- resume
+    state = dict(epoch=0, step=0, micro_in_epoch=0, best_reward=-math.inf, best_epoch=None, history=[], bad_steps=0,
+                 running_recall=None, epoch_rollouts=[])
+    if args.resume:
+        client = load_resume_point(engine, run_dir)
+        if client is None:
+            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
+        else:
+            state = client["trainer"]
+            set_rng_state(client["rng"])
+            reward_fn.running_recall = state["running_recall"]
+            logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
+
+    def checkpoint():
+        state["running_recall"] = reward_fn.running_recall
+        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+
+    def meta(epoch, metrics):
+        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
+                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
+
+    def val_line(name, val):
+        return (f"{name}: reward {val['mean_reward']:.4f} dice {val['mean_dice']:.4f} recall "
+                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f}")
+
+    if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
+        state["initial_val"] = validate_with_reward(model, val_loader, val_masks, device, args, cache,
+                                                    engine.autocast, reward_fn)
+        logger.line(val_line("initial val", state["initial_val"]))
+
+    # ---- training loop: rollout (no grad) -> PPO epochs over its minibatches (grad)
+    t_start = time.time()
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch, start=state["micro_in_epoch"] * args.batch_size)
+        batches = iter(train_loader)
+        window, t_window, steps_in_window, masks_in_window, last_logged = [], time.time(), 0, 0, state["step"]
+        while True:
+            step_before = state["step"]
+            rollout = [collect_rollout(model, move_batch(b, device), cache, reward_fn, args, policy_params, reference,
+                                       engine.autocast) for _, b in zip(range(args.rollout_batches), batches)]
+            if not rollout:
+                break
+            set_advantages(rollout, args)
+            summary = rollout_summary(rollout)
+            # every rank must use the same reward weights: the dynamic switch reads the recall of all ranks
+            n_masks = sum(ro["rewards"].numel() for ro in rollout)
+            masks_in_window += n_masks * world_size
+            recall_sum = all_reduce_sum(torch.tensor([summary["recall"] * n_masks, n_masks], dtype=torch.float64))
+            reward_fn.update_running_recall(float(recall_sum[0] / recall_sum[1]))
+            updates = []
+            for _ in range(args.ppo_epochs):
+                for i in random.sample(range(len(rollout)), len(rollout)):
+                    loss, stats = ppo_loss(model, rollout[i], cache, args, engine.autocast)
+                    engine.backward(finite_or_zero(loss, all_params, state, args.max_bad_steps, logger.line))
+                    if engine_step(engine):
+                        state["step"] += 1
+                        steps_in_window += 1
+                    updates.append(stats)
+            state["micro_in_epoch"] += len(rollout)
+            record = summary | {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+            window.append(record)
+            state["epoch_rollouts"].append(record)
+            if state["step"] - last_logged >= args.log_every:
+                log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs} step "
+                                 f"{state['step']}/{total_steps}", window, time.time() - t_window, steps_in_window,
+                                 masks_in_window, engine.get_lr()[0])
+                window, t_window, steps_in_window, masks_in_window, last_logged = [], time.time(), 0, 0, state["step"]
+            if args.save_every and state["step"] // args.save_every > step_before // args.save_every:
+                checkpoint()
+
+        # ---- end of epoch: validation, best/, resume point
+        val = validate_with_reward(model, val_loader, val_masks, device, args, cache, engine.autocast, reward_fn)
+        train = {k: float(np.mean([r[k] for r in state["epoch_rollouts"]])) for k in state["epoch_rollouts"][0]} \
+            if state["epoch_rollouts"] else {}
+        state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
+        logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
+        logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
+        if val["mean_reward"] > state["best_reward"]:
+            state["best_reward"], state["best_epoch"] = val["mean_reward"], epoch + 1
+            if is_main():
+                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch + 1, val), gather_for_save(engine))
+        state["epoch"], state["micro_in_epoch"], state["epoch_rollouts"] = epoch + 1, 0, []
+        checkpoint()
+
+    # ---- final save and summary
+    final_val = state["history"][-1] if state["history"] else {}
+    if is_main():
+        save_stage(model, os.path.join(run_dir, "final"), parts, meta(args.epochs, final_val), gather_for_save(engine))
+        write_json(os.path.join(run_dir, "training_info.json"), dict(
+            stage=STAGE, args=vars(args), reward=dict(type=args.reward_type, weights=reward_fn.base_weights,
+                                                      recall_target=reward_fn.recall_target),
+            initial_val=state.get("initial_val"), history=state["history"], best_epoch=state["best_epoch"],
+            best_val_reward=state["best_reward"], bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start,
+            world_size=world_size, versions=versions(),
+            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
+    logger.line(f"done: best val reward {state['best_reward']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
+    logger.close()
+    cleanup()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())
