@@ -122,7 +122,7 @@ def test_annotations_format(dataset, tmp_path):
             assert len(polygon) % 2 == 0 and len(polygon) >= 6
             xy = np.array(polygon).reshape(-1, 2)
             assert xy.min() >= 0 and xy.max() <= size  # COCO convention: pixel centres at +0.5
-            redrawn |= polygon2mask((size, size), xy[:, ::-1])
+            redrawn |= polygon2mask((size, size), xy[:, ::-1] - 0.5)  # skimage: centres at integers
         mask = load_mask(dataset / "masks" / record["image"])
         # Polygons only lose the slits that open loops; they never add vessel.
         assert not (redrawn & ~mask).any()
