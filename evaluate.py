@@ -41,6 +41,8 @@ def parse_args(argv=None):
     g.add_argument("--output", default="eval", help="folder for metrics.csv, summary.json, overlays/")
     g.add_argument("--overlays", type=int, default=3, help="overlay PNGs of the N best and N worst samples (0 = none)")
     g.add_argument("--no_cldice", action="store_true", help="skip clDice (skeletons are the slow part on big sets)")
+    g.add_argument("--panel", type=int, default=0,
+                   help="write panel.png: N frames (hardest for the first checkpoint) x (frame, GT, every checkpoint)")
     return p.parse_args(argv)
 
 
@@ -76,6 +78,36 @@ def overlay(image, gt, pred):
     return Image.fromarray(out.astype(np.uint8))
 
 
+def stage_table(summary):
+    """Markdown table: checkpoint, path, mean Dice/recall/precision/IoU, delta Dice vs the row above."""
+    lines = ["| stage | checkpoint | mean Dice | recall | precision | IoU | delta Dice vs previous |",
+             "|---|---|---|---|---|---|---|"]
+    previous = None
+    for name, s in summary.items():
+        delta = "" if previous is None else f"{s['mean_dice'] - previous:+.4f}"
+        lines.append(f"| {name} | {s['checkpoint'] or 'base model'} | {s['mean_dice']:.4f} | {s['mean_recall']:.4f} | "
+                     f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} |")
+        previous = s["mean_dice"]
+    return "\n".join(lines)
+
+
+def write_panel(path, samples, masks_by_checkpoint, size=160):
+    """One row per frame: the frame, its GT, then each checkpoint's overlay (TP white, FP red, FN blue)."""
+    columns = 2 + len(masks_by_checkpoint)
+    panel = Image.new("RGB", (columns * size, len(samples) * size + 14), "black")
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(panel)
+    for c, title in enumerate(["frame", "ground truth"] + list(masks_by_checkpoint)):
+        draw.text((c * size + 4, 1), title, fill="white")
+    for r, sample in enumerate(samples):
+        gt = sample["mask"]
+        tiles = [sample["image"], overlay(sample["image"], gt, gt)]
+        tiles += [overlay(sample["image"], gt, m[sample["key"]]) for m in masks_by_checkpoint.values()]
+        for c, tile in enumerate(tiles):
+            panel.paste(tile.convert("RGB").resize((size, size), Image.NEAREST), (c * size, 14 + r * size))
+    panel.save(path)
+
+
 def main(args):
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
@@ -87,7 +119,7 @@ def main(args):
     print0(f"scoring {len(dataset)} frames of {args.data} ({args.split}) at thresholds {thresholds}")
     os.makedirs(args.output, exist_ok=True)
 
-    rows, summary = [], {}
+    rows, summary, panel_masks, panel_keys = [], {}, {}, None
     for name, ckpt in parse_checkpoints(args.checkpoints):
         model, tokenizer = load_model(args.model, seed=args.seed)
         if ckpt:
@@ -105,6 +137,11 @@ def main(args):
             pred = (p > args.threshold).numpy()
             local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
         extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
+        if args.panel:
+            if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
+                panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
+            local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
+            panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
         sweep = summarize(records, thresholds)
         best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
         summary[name] = dict(checkpoint=ckpt, threshold=args.threshold, **sweep[float(args.threshold)],
@@ -132,6 +169,10 @@ def main(args):
         del model
 
     names = list(summary)
+    table = stage_table(summary)
+    print0(table)
+    if is_main() and args.panel:
+        write_panel(os.path.join(args.output, "panel.png"), [dataset[by_key[k]] for k in panel_keys], panel_masks)
     if len(names) > 1:
         base = {r["sample"]: r["dice"] for r in rows if r["checkpoint"] == names[0]}
         for name in names[1:]:
@@ -148,7 +189,10 @@ def main(args):
             writer.writerows(rows)
         write_json(os.path.join(args.output, "summary.json"), dict(data=args.data, split=args.split, model=args.model,
                                                                    samples=len(dataset), checkpoints=summary))
-        print0(f"wrote {args.output}/metrics.csv, summary.json" + (", overlays/" if args.overlays else ""))
+        with open(os.path.join(args.output, "stage_table.md"), "w") as f:
+            f.write(table + "\n")
+        print0(f"wrote {args.output}/metrics.csv, summary.json, stage_table.md" + (", overlays/" if args.overlays else "")
+               + (", panel.png" if args.panel else ""))
     cleanup()
     return summary
 

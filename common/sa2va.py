@@ -70,16 +70,29 @@ def dtype_kwarg(dtype):
 def load_released(path, dtype):
     """A released Sa2VA folder through its own remote code, with the shims newer
     transformers need (see README, "Supported checkpoints")."""
+    config, model_cls = released_classes(path)
+    model = model_cls.from_pretrained(path, config=config, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
+    # `_llm_forward` increments a counter the released __init__ never creates
+    model._count = 0
+    return model
+
+
+def released_classes(path):
+    """(config, model class) of a folder's remote code (its config.json auto_map), shimmed."""
     import transformers
-    from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    with open(os.path.join(path, "config.json")) as f:
+        auto_map = json.load(f).get("auto_map") or {}
+    if "AutoConfig" not in auto_map or "AutoModel" not in auto_map:
+        raise CheckpointError(f"{path}/config.json has no auto_map for AutoConfig/AutoModel: not a released Sa2VA folder")
+    config_cls = get_class_from_dynamic_module(auto_map["AutoConfig"], path)
     # Shim 1, transformers >= 4.50: the released config cannot be built without arguments (KeyError
     # 'architectures'); the flag that used to be `is_composition` tells transformers not to try.
-    type(config).has_no_defaults_at_init = True
+    config_cls.has_no_defaults_at_init = True
+    config = config_cls.from_pretrained(path)
     # Shim 2, transformers >= 5: the released __init__ never calls post_init(), which now sets
     # attributes loading needs (`all_tied_weights_keys`); call it once after __init__.
-    model_cls = get_class_from_dynamic_module(config.auto_map["AutoModel"], path)
+    model_cls = get_class_from_dynamic_module(auto_map["AutoModel"], path)
     if int(transformers.__version__.split(".")[0]) >= 5 and not getattr(model_cls, "_sa2va_post_init_shim", False):
         released_init = model_cls.__init__
 
@@ -89,10 +102,7 @@ def load_released(path, dtype):
                 self.post_init()
         model_cls.__init__ = __init__
         model_cls._sa2va_post_init_shim = True
-    model = model_cls.from_pretrained(path, config=config, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
-    # `_llm_forward` increments a counter the released __init__ never creates
-    model._count = 0
-    return model
+    return config, model_cls
 
 
 def unwrap_llm(language_model):

@@ -611,7 +611,7 @@ def teach_answer(model, tokenizer, answer=TINY_ANSWER, steps=80, seed=0):
     image_tokens = IMG_START + IMG_CONTEXT * model.num_image_token + IMG_END
     text = model.template["INSTRUCTION"].format(input=prompt.replace("<image>", image_tokens), round=1, bot_name="BOT")
     prompt_ids = tokenizer.encode(text)
-    answer_ids = tokenizer.encode(answer + model.template["SUFFIX"])
+    answer_ids = tokenizer.encode(answer + model.template["SUFFIX"], add_special_tokens=False)  # no BOS mid-sequence
     ids = torch.tensor(prompt_ids + answer_ids)[None].repeat(4, 1)
     labels = ids.clone()
     labels[:, :len(prompt_ids)] = -100

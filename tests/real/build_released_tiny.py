@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common.sa2va import released_classes  # noqa: E402
 from common.tiny import IMG_CONTEXT, IMG_END, IMG_START, SEG, teach_answer  # noqa: E402
 
 # Where each Sa2VA repository keeps the InternVL-family HF code (newest first).
@@ -148,10 +149,9 @@ def main(args):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(tiny_config(args.llm, tokenizer, dtype), f, indent=2)
 
-        from transformers import AutoConfig, AutoModel
         torch.manual_seed(args.seed)
-        config = AutoConfig.from_pretrained(tmp, trust_remote_code=True)
-        model = AutoModel.from_config(config, trust_remote_code=True).float()
+        config, model_cls = released_classes(tmp)  # the folder's auto_map, with common.sa2va's shims
+        model = model_cls(config).float()
         # the older release casts the whole model to bf16 in preparing_for_generation: keep fp32 here
         model.preparing_for_generation = functools.partial(model.preparing_for_generation, torch_dtype=torch.float32)
         loss = teach_answer(model, tokenizer, steps=args.teach_steps, seed=args.seed)

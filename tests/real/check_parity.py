@@ -116,6 +116,8 @@ def released_predict(model, tokenizer, image, prompt, device, dtype):
 def answer_text(prediction, template, tokenizer):
     """The generated answer without the end-of-turn marker the processor appends itself."""
     text = prediction.strip()
+    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]
     for end in (template.get("SUFFIX", ""), tokenizer.eos_token or ""):
         if end and text.endswith(end):
             text = text[: -len(end)].rstrip()

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The whole pipeline: SFT -> DPO -> hard-sample mining + training (the methodology's stages
+# 1-3), PPO as the RL alternative, every stage evaluated side by side, LoRA merged and checked.
+#
+#   bash run.sh quick                    # tiny model + synthetic vessel videos, CPU, minutes
+#   MODEL=/path/Sa2VA-4B DATA=/path/vessels BF16=1 bash run.sh full
+#
+# Environment (all optional):
+#   MODEL      base Sa2VA folder, or `tiny` (default: tiny)
+#   DATA       data folder (images/ + masks/ or annotations.json); default: synthetic videos in $OUT/data
+#   FORMAT     layout of the generated synthetic data: masks | annotations (default masks)
+#   OUT        output folder (default outputs/<preset>)
+#   STAGES     comma list of sft,dpo,hard,ppo,eval,merge (default: all); a finished stage is
+#              skipped, an interrupted one resumes, STAGES=hard re-runs only that one
+#   NUM_GPUS   GPUs per node (default: all visible); HOSTFILE for several nodes
+#   ZERO_STAGE DeepSpeed ZeRO stage (default 2); BF16=1 for bf16
+#   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${1:-quick}
+case "$PRESET" in quick|full) ;; *) echo "usage: bash run.sh quick|full" >&2; exit 2 ;; esac
+MODEL=${MODEL:-tiny}
+OUT=${OUT:-outputs/$PRESET}
+FORMAT=${FORMAT:-masks}
+STAGES=${STAGES:-sft,dpo,hard,ppo,eval,merge}
+ZERO_STAGE=${ZERO_STAGE:-2}
+PYTHON=${PYTHON:-python}
+
+# ---- sizes and per-stage settings: the mission's numbers; the tiny model needs larger steps
+if [ "$PRESET" = quick ]; then
+  MAX_TRAIN=${MAX_TRAIN:-50}; MAX_VAL=${MAX_VAL:-20}; EPOCHS=1
+else
+  MAX_TRAIN=${MAX_TRAIN:-1000}; MAX_VAL=${MAX_VAL:-100}; EPOCHS=3
+fi
+if [ "$MODEL" = tiny ]; then
+  # a 0.3M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run")
+  SFT_ARGS="--epochs 6 --lr 3e-3 --lora_preset small"
+  DPO_ARGS="--epochs 2 --lr 1e-3 --grad_accum 1"
+  HARD_ARGS="--epochs 5 --lr 1e-3"
+  PPO_ARGS="--epochs 2 --lr 1e-3"
+else
+  SFT_ARGS="--epochs $EPOCHS --lr 1e-4 --lora_preset medium"
+  DPO_ARGS="--epochs 1 --lr 5e-6 --grad_accum 4"
+  HARD_ARGS="--epochs 5 --lr 1e-5 --grad_accum 2 --weight_decay 0.01"
+  PPO_ARGS="--epochs 1 --lr 1e-5"
+fi
+COMMON="--model $MODEL --max_train_samples $MAX_TRAIN --max_val_samples $MAX_VAL"
+[ "${BF16:-0}" = 1 ] && COMMON="$COMMON --bf16"
+
+# ---- launcher: DeepSpeed when it and GPUs are there, plain python otherwise
+GPUS=0
+command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
+if [ "$GPUS" -gt 0 ] && command -v deepspeed >/dev/null 2>&1; then
+  NUM_GPUS=${NUM_GPUS:-$GPUS}
+  LAUNCH="deepspeed --num_gpus $NUM_GPUS --master_port ${MASTER_PORT:-29513}"
+  [ -n "${HOSTFILE:-}" ] && LAUNCH="deepspeed --hostfile $HOSTFILE --master_port ${MASTER_PORT:-29513}"
+  TRAIN_EXTRA="--zero_stage $ZERO_STAGE"
+else
+  LAUNCH="$PYTHON"
+  TRAIN_EXTRA=""
+fi
+
+banner() { printf '\n==== %s ====\n' "$*"; }
+wants() { [[ ",$STAGES," == *",$1,"* ]]; }
+# a stage's run folder: the newest <OUT>/<stage>/<stage>_* (empty when none)
+run_dir() { ls -d "$OUT/$1/$1"_* 2>/dev/null | sort | tail -n 1 || true; }
+# run a training stage unless it finished; resume it when it was interrupted
+train() {
+  local stage=$1 script=$2; shift 2
+  local dir; dir=$(run_dir "$stage")
+  if [ -n "$dir" ] && [ -f "$dir/training_info.json" ] && ! [[ ",${RERUN:-}," == *",$stage,"* ]]; then
+    echo "$stage: finished earlier in $dir (RERUN=$stage to run it again)"; return
+  fi
+  local resume=""
+  [ -n "$dir" ] && [ ! -f "$dir/training_info.json" ] && resume="--resume $dir" && echo "$stage: resuming $dir"
+  $LAUNCH "$script" $COMMON --data "$DATA" --output "$OUT/$stage" $TRAIN_EXTRA $resume "$@"
+}
+
+mkdir -p "$OUT"
+START=$(date +%s)
+if [ -z "${DATA:-}" ]; then
+  DATA="$OUT/data"
+  banner "synthetic vessel videos -> $DATA"
+  $PYTHON -m common.synth --out "$DATA" --videos 12 --frames 12 --size 128 --seed 0 --format "$FORMAT"
+fi
+
+if wants sft; then
+  banner "stage 1: LoRA SFT (Dice + BCE through the forward path)"
+  train sft train_sft.py $SFT_ARGS
+fi
+SFT=$(run_dir sft)/best
+
+if wants dpo; then
+  banner "stage 2: DPO pairs (GT chosen, the SFT model's worse prediction rejected) and DPO"
+  [ -f "$OUT/pairs/dpo_annotations.json" ] || \
+    $PYTHON make_dpo_pairs.py $COMMON --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs"
+  train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" $DPO_ARGS
+fi
+DPO=$(run_dir dpo)/best
+
+if wants hard; then
+  banner "stage 3: hard-sample mining (Dice < 0.75, temporal clusters) and hard training"
+  [ -f "$OUT/mine/hard_samples.json" ] || \
+    $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot
+  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" $HARD_ARGS
+fi
+HARD=$(run_dir hard)/best
+
+if wants ppo; then
+  banner "RL alternative: PPO with segmentation rewards, from the SFT model"
+  train ppo train_ppo.py --init "$SFT" $PPO_ARGS
+fi
+PPO=$(run_dir ppo)/best
+
+if wants eval; then
+  banner "evaluation: every stage side by side"
+  CKPTS="base"
+  for pair in "sft=$SFT" "dpo=$DPO" "hard=$HARD" "ppo=$PPO"; do
+    [ -f "${pair#*=}/stage.json" ] && CKPTS="$CKPTS $pair"
+  done
+  $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints $CKPTS \
+    --output "$OUT/eval" --panel 4 --overlays 2
+fi
+
+if wants merge && [ -f "$HARD/stage.json" ]; then
+  banner "merge: fold LoRA + trained heads of the stage-3 model into a standalone checkpoint, and check it"
+  $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --verify_data "$DATA"
+fi
+
+banner "done in $(( $(date +%s) - START )) s"
+[ -f "$OUT/eval/stage_table.md" ] && cat "$OUT/eval/stage_table.md"
+echo "outputs: $OUT (eval/metrics.csv, eval/summary.json, eval/panel.png, mine/hard_samples.json, merged/)"
