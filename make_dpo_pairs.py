@@ -35,6 +35,7 @@ Writes --output (atomically: a temporary folder renamed when complete): dpo_anno
 copied), masks/<image stem>__<tag>.png (the generated masks used by pairs; tag = greedy, s1..sN,
 pred, gt), summary.json (counts, IoU-gap quantiles and histogram, the arguments).
 """
+import contextlib
 import math
 import os
 import shutil
@@ -124,25 +125,24 @@ def model_candidates(args, frames, rank, world_size, device):
                                          collate_fn=processor, num_workers=args.num_workers)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
     out = {}
-    torch.set_grad_enabled(False)  # (not a decorator: building the tiny model above trains it briefly)
-    for batch in tqdm(loader, desc=f"{args.mode}: predicting", disable=not is_main()):
-        batch = move_batch(batch, device)
-        if args.mode == "gt":
-            probs = predict_probabilities(model, batch, autocast=autocast)
+    with torch.no_grad():  # not a decorator: building the tiny model above trains it briefly
+        for batch in tqdm(loader, desc=f"{args.mode}: predicting", disable=not is_main()):
+            batch = move_batch(batch, device)
+            if args.mode == "gt":
+                probs = predict_probabilities(model, batch, autocast=autocast)
+                for i, index in enumerate(batch["index"].tolist()):
+                    out[index] = [("pred", probs[i].cpu() > args.threshold)]
+                continue
+            with autocast() if autocast else contextlib.nullcontext():
+                low_res = forward_batch(model, batch)["low_res_logits"].float().cpu()
             for i, index in enumerate(batch["index"].tolist()):
-                out[index] = [("pred", probs[i].cpu() > args.threshold)]
-            continue
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            low_res = forward_batch(model, batch)["low_res_logits"].float().cpu()
-        for i, index in enumerate(batch["index"].tolist()):
-            size = batch["image_sizes"][i]
-            greedy = full_size_logits(model, low_res[i:i + 1], [size])[0].sigmoid() > args.threshold
-            # seeded by image: the same pairs on any number of ranks
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
-            samples = sample_masks(model, low_res[i:i + 1], size, args.num_samples, args.temperature,
-                                   args.noise_sigma, generator)
-            out[index] = [("greedy", greedy)] + [(f"s{k + 1}", m) for k, m in enumerate(samples)]
-    torch.set_grad_enabled(True)
+                size = batch["image_sizes"][i]
+                greedy = full_size_logits(model, low_res[i:i + 1], [size])[0].sigmoid() > args.threshold
+                # seeded by image: the same pairs on any number of ranks
+                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+                samples = sample_masks(model, low_res[i:i + 1], size, args.num_samples, args.temperature,
+                                       args.noise_sigma, generator)
+                out[index] = [("greedy", greedy)] + [(f"s{k + 1}", m) for k, m in enumerate(samples)]
     return out
 
 
@@ -157,12 +157,13 @@ def prediction_candidates(args, frames, rank, world_size):
     out = {}
     for index in range(rank, len(frames), world_size):
         f, cands = frames[index], []
+        height, width = frame_mask(f).shape
         for name, files in folders:
             if f.key in files:
                 mask = read_mask(files[f.key], warn=False)
-                if mask.shape != frame_mask(f).shape:
+                if mask.shape != (height, width):
                     raise DataError(f"{files[f.key]}: prediction is {mask.shape[1]}x{mask.shape[0]} but the ground "
-                                    f"truth of {f.key} is {frame_mask(f).shape[1]}x{frame_mask(f).shape[0]}")
+                                    f"truth of {f.key} is {width}x{height}")
                 cands.append((name, torch.from_numpy(mask), files[f.key]))
         out[index] = cands
     return out

@@ -6,11 +6,12 @@ stage 3). Frames of one video are neighbours in time, so runs of consecutive har
 Scoring runs the batched forward path (common/evaluation.score_loader) on any number of
 processes; rank 0 writes.
 
-    python mine_hard.py --model /path/to/Sa2VA-4B --init runs/dpo_x/best --data /path/to/vessels --plot
+    python mine_hard.py --model /path/to/Sa2VA-4B --init runs/dpo_x/best --data /path/to/vessels \
+        --output runs/mine --plot
 
-Writes --output (hard_samples.json, atomically): model, init, data, split, thresholds, Dice
+Writes <output>/hard_samples.json (atomically): model, init, data, split, thresholds, Dice
 buckets, per-sample scores, the hard list (keys = file stems, hardest first) and the clusters;
-with --plot, dice_plots/<video>.png beside it (Dice over frame index, clusters shaded).
+with --plot, <output>/dice_plots/<video>.png (Dice over frame index, clusters shaded).
 Prints the bucket histogram, the hardest samples and the clusters.
 """
 import os
@@ -29,6 +30,7 @@ from common.lora import load_stage
 from common.sa2va import Sa2VAProcessor, describe, load_model
 
 HARD_THRESHOLD = 0.75  # the methodology's stage-3 definition of a hard sample
+HARD_FILE = "hard_samples.json"
 BUCKET_EDGES = (0.50, 0.65, 0.75)  # the buckets the methodology reports: < 0.50, 0.50-0.65, 0.65-0.75, >= 0.75
 
 
@@ -45,8 +47,8 @@ def parse_args(argv=None):
                    help="easy frames that may be bridged inside a cluster (0 = only unbroken runs)")
     g.add_argument("--top", type=int, default=10, help="hardest samples listed in the report")
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    g.add_argument("--output", default="hard_samples.json", help="the JSON file to write")
-    g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index (dice_plots/)")
+    g.add_argument("--output", default="mine", help="folder for hard_samples.json (and dice_plots/)")
+    g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index in dice_plots/")
     return p.parse_args(argv)
 
 
@@ -222,14 +224,14 @@ def main(args):
     records = score_loader(model, loader, device, (args.threshold,), autocast=autocast, desc="mining")
     report = build_report(records, frames, args)
     if is_main():
-        folder = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(folder, exist_ok=True)
-        write_json(args.output, report)
+        os.makedirs(args.output, exist_ok=True)
+        path = os.path.join(args.output, HARD_FILE)
+        write_json(path, report)
         print_report(report, args.top)
-        print(f"wrote {args.output}")
+        print(f"wrote {path}")
         if args.plot:
-            n = write_plots(report, os.path.join(folder, "dice_plots"))
-            print(f"wrote {n} plot(s) to {os.path.join(folder, 'dice_plots')}")
+            n = write_plots(report, os.path.join(args.output, "dice_plots"))
+            print(f"wrote {n} plot(s) to {os.path.join(args.output, 'dice_plots')}")
     cleanup()
     return report
 

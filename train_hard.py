@@ -4,15 +4,15 @@ Dice + 0.5*BCE through the differentiable forward path on the samples the starti
 (--init: the DPO or SFT checkpoint) segments worst: the hard list of mine_hard.py (--hard_list)
 or the train frames with Dice < --threshold_hard scored on the fly (--mine). Only
 text_hidden_fcs and the SAM2 mask decoder train; the LLM and its LoRA adapter stay frozen, so a
-sample's [SEG] hidden state and SAM2 image features are constants: computed once per sample
-(a no-grad pass over each epoch's not yet cached samples; common/forward.FeatureCache), so the
-training steps run only the trained heads, without even decoding the image. Options: replay easy samples (--easy_ratio), flip/rotate hard
-samples (--augment; features cached per view), re-mine after each round (--iterations).
-Validation every epoch on the whole val split and on its hard and easy parts (by the starting
-model's Dice); best/ is chosen on the whole split.
+sample's [SEG] hidden state and SAM2 image features are constants, computed once (a no-grad
+pass over each epoch's samples not cached yet; common/forward.FeatureCache): the training steps
+run only the trained heads, without even decoding the image. Options: replay easy samples
+(--easy_ratio), flip/rotate hard samples (--augment; cached per view), re-mine after each round
+(--iterations). Validation every epoch on the whole val split and on its hard and easy parts (by
+the starting model's Dice); best/ is chosen on the whole split.
 
     deepspeed train_hard.py --model /path/to/Sa2VA-4B --init runs/dpo_x/best --data /path/to/vessels \
-        --hard_list hard_samples.json --bf16
+        --hard_list runs/mine/hard_samples.json --bf16
     python train_hard.py --data synthetic_data --init runs/sft_x/best --mine --lr 3e-3   # CPU, tiny model
 
 Writes <output>/hard_<timestamp>/: best/ and final/ (stage checkpoints), training_info.json,
@@ -160,12 +160,20 @@ def train_mode(model):
 
 
 @torch.no_grad()
-def fill_cache(model, dataset, processor, loader_kw, batch_size, device, cache, autocast):
-    """Run the frozen parts once over `dataset` (HardItems) and cache their features."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size, collate_fn=HardCollate(processor, dataset), **loader_kw)
-    for batch in loader:
-        with autocast():
-            forward_batch(model, move_batch(batch, device), cache)
+def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args, device, autocast):
+    """(HardItems of the epoch, samples precomputed, samples left uncached). With `fill`, a no-grad
+    pass first caches the frozen features of the items not cached yet: every training batch is then
+    served whole from the cache (a batch with one missing sample recomputes all of its samples)."""
+    known = cached_keys(cache, model)
+    new = sorted({it for it in items if view_key(frames[it[0]].key, it[1]) not in known}) if fill else []
+    if new:
+        warm = HardItems(frames, new, args.resize_masks)
+        for batch in torch.utils.data.DataLoader(warm, args.batch_size, collate_fn=HardCollate(processor, warm),
+                                                 **loader_kw):
+            with autocast():
+                forward_batch(model, move_batch(batch, device), cache)
+    dataset = HardItems(frames, items, args.resize_masks, cached_keys(cache, model))
+    return dataset, len(new), sum(view_key(frames[i].key, v) not in dataset.cached for i, v in set(items))
 
 
 def hard_loss(model, batch, device, cache, dice_weight, bce_weight, autocast=contextlib.nullcontext):
@@ -185,13 +193,13 @@ def read_hard_list(path, train_frames, val_frames, log):
             spec = json.load(f)
     except FileNotFoundError:
         raise DataError(f"--hard_list {path}: file not found (write it with mine_hard.py, or pass --mine)") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"--hard_list {path}: not valid JSON ({e})") from None
     hard = spec.get("hard") if isinstance(spec, dict) else None
     if not isinstance(hard, list) or not all(isinstance(k, str) for k in hard):
         raise DataError(f"--hard_list {path}: needs a list of file stems under 'hard' (mine_hard.py writes it)")
-    train = {f.key: i for i, f in enumerate(train_frames)}
-    in_val = [k for k in hard if k in {f.key for f in val_frames}]
+    train, val = {f.key: i for i, f in enumerate(train_frames)}, {f.key for f in val_frames}
+    in_val = [k for k in hard if k in val]
     unknown = [k for k in hard if k not in train and k not in in_val]
     if in_val:
         log(f"hard list: {len(in_val)} key(s) are validation frames, left out (validation stays held out)")
@@ -218,6 +226,9 @@ def describe_val(v):
 def main(args):
     if bool(args.hard_list) == bool(args.mine):
         raise SystemExit("pass exactly one of --hard_list FILE and --mine")
+    if not (0 <= args.easy_ratio <= 1 and args.iterations >= 1):
+        raise SystemExit(f"--easy_ratio must lie in [0, 1] and --iterations be >= 1 "
+                         f"(got {args.easy_ratio} and {args.iterations})")
     # ---- setup
     deepspeed_on = cli.use_deepspeed(args)
     rank, world_size, device = init_distributed(deepspeed_on)
@@ -307,7 +318,7 @@ def main(args):
                     hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]])
 
     # ---- training: rounds of (hard set, epochs)
-    t_start = time.time()
+    t_start, fill_cache = time.time(), llm_is_frozen(model) and args.feature_cache_gb > 0
     while state["round"] < args.iterations:
         if state["hard"] is None:  # a later round: re-mine with the current model
             state["hard"] = mine(f"re-mining train (round {state['round'] + 1})", engine.autocast)
@@ -326,14 +337,12 @@ def main(args):
             items = items[state["micro_in_epoch"] * args.batch_size:]
             train_mode(model)
             t_epoch = time.time()
-            # frozen features of the items not cached yet, first: then every training batch is served whole
-            # from the cache (a batch with one missing sample would recompute all of its samples)
-            known = cached_keys(cache, model)
-            new = sorted({it for it in items if view_key(train_frames[it[0]].key, it[1]) not in known})
-            if new and llm_is_frozen(model) and cache.bytes < cache.limit_bytes:
-                fill_cache(model, HardItems(train_frames, new, args.resize_masks), processor, loader_kw,
-                           args.batch_size, device, cache, engine.autocast)
-            dataset = HardItems(train_frames, items, args.resize_masks, cached_keys(cache, model))
+            dataset, precomputed, missing = epoch_dataset(model, train_frames, items, cache, fill_cache, processor,
+                                                          loader_kw, args, device, engine.autocast)
+            if missing and fill_cache:  # later epochs skip the pre-pass: its results would not be kept
+                fill_cache = False
+                logger.line(f"cache full ({cache.bytes / 2 ** 30:.2f} GiB): {missing} samples are recomputed at every "
+                            f"step; raise --feature_cache_gb")
             loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
                                                  **loader_kw)
             window, t_window, seen = [], time.time(), 0
@@ -360,13 +369,13 @@ def main(args):
 
             # ---- end of epoch: cache report, validation on all / hard / easy, best/, resume point
             logger.line(f"epoch {epoch + 1} train: {seen} samples in {train_seconds:.1f} s "
-                        f"({seen / max(train_seconds, 1e-9):.1f} samples/s), {len(new)} computed, {train_hits} "
+                        f"({seen / max(train_seconds, 1e-9):.1f} samples/s), {precomputed} precomputed, {train_hits} "
                         f"served from the cache; cache: {cache.summary()}")
             records = score_loader(model, val_loader, device, (args.threshold,), cache=cache, autocast=engine.autocast,
                                    desc="validating")
             val = subset_metrics(records, val_hard, args.threshold)
             state["history"].append(dict(epoch=epoch + 1, round=state["round"] + 1, step=state["step"],
-                                         train_seconds=train_seconds, train_samples=seen, computed=len(new),
+                                         train_seconds=train_seconds, train_samples=seen, precomputed=precomputed,
                                          train_cache_hits=train_hits,
                                          cache=dict(entries=len(cache), mb=cache.bytes / 2 ** 20, hits=dict(cache.hits),
                                                     misses=dict(cache.misses)), **val))

@@ -18,24 +18,29 @@ batch, shuffled) recompute the log-probabilities with grad and minimise
 The reference pi_ref is the policy at the start of the stage: a frozen copy of the trained weights,
 loaded into the model under no_grad for its logits; the KL is the exact per-pixel Bernoulli KL.
 Dropout stays off all the time (model.eval()): rollout and update must be the same policy, so the
-ratio is exactly 1 at the first update of a rollout.
+ratio is exactly 1 at the first update of a rollout. Because the log-probability is a per-pixel
+mean, the mask-level ratio exp(mean_i log r_i) (GSPO's length-normalised ratio) moves only a few
+percent over --ppo_epochs, so --clip 0.2 seldom binds and the KL penalty is the working trust
+region: with --kl_coef 0 the multi_objective reward was gamed on synthetic data (the policy drifted
+to "everything is vessel": recall 1.0, Dice 0.14).
 
 Advantages (`--advantage`):
   group  (default) A = (R - mean of the image's group) / group std. No extra parameters; needs
          --group_size >= 2 and G reward evaluations per image (topology/length rewards skeletonise
          every sample on the CPU).
   critic A = R - V(image), normalised over the rollout. V is a small value head (LayerNorm +
-         2-layer MLP, 2C -> C -> 1; C = 256 for SAM2: ~0.2M parameters) on the detached [SEG]
+         2-layer MLP, 2C -> C -> 1; C = 256 for SAM2: 0.13M parameters) on the detached [SEG]
          embedding and mean-pooled SAM2 image features; loss --vf_coef * MSE, its own --critic_lr.
          Memory: the head, its gradients and Adam state, a few MB, and no extra activations,
          because it reads features the policy computes anyway. (The "~48 GB, PPO needs a critic"
          of the original notes is a critic that is a second copy of the model; this is not.)
-         Works with --group_size 1.
+         Works with --group_size 1. Needs data enough for the head to predict an image's reward;
+         on the small synthetic set it did worse than the group baseline.
 By default the LLM (and a LoRA loaded by --init) is frozen and only text_hidden_fcs + the mask
 decoder train, so with the FeatureCache a rollout and an update cost only these heads.
 
     deepspeed train_ppo.py --model /path/to/Sa2VA-4B --init runs/sft_x/best --data /path/to/vessels --bf16
-    python train_ppo.py --data synthetic_data --init outputs/sft_x/best --lr 1e-3     # CPU, tiny model
+    python train_ppo.py --data synthetic_data --init outputs/sft_x/best --lr 5e-4     # CPU, tiny model
 
 Writes <output>/ppo_<timestamp>/: best/ (by mean validation reward) and final/ (stage checkpoints;
 the critic is not part of them), training_info.json, train.log, metrics.jsonl, tensorboard/,
@@ -44,7 +49,6 @@ checkpoints/ (for --resume).
 import contextlib
 import math
 import os
-import random
 import time
 
 import numpy as np
@@ -77,12 +81,13 @@ def parse_args(argv=None):
                        trainable="text_hidden_fcs,mask_decoder")
     cli.add_lora_args(p, preset="none")
     g = p.add_argument_group("PPO")
-    g.add_argument("--group_size", type=int, default=4, help="masks sampled per image in a rollout")
+    g.add_argument("--group_size", type=int, default=8, help="masks sampled per image in a rollout")
     g.add_argument("--rollout_batches", type=int, default=2,
                    help="batches of --batch_size images per rollout (= minibatches per PPO epoch)")
     g.add_argument("--ppo_epochs", type=int, default=4, help="passes over each rollout")
     g.add_argument("--clip", type=float, default=0.2, help="PPO clip range eps of the probability ratio")
-    g.add_argument("--kl_coef", type=float, default=0.1, help="weight of KL(policy || stage-start policy) per pixel")
+    g.add_argument("--kl_coef", type=float, default=0.02,
+                   help="weight of KL(policy || stage-start policy), mean per pixel (0 lets the reward be gamed)")
     g.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the per-pixel entropy bonus")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature: p = sigmoid(logits / T)")
     g.add_argument("--advantage", choices=("group", "critic"), default="group",
@@ -95,9 +100,9 @@ def parse_args(argv=None):
                         "recall_focused: 0.7 recall + 0.3 dice")
     for name in ("dice", "recall", "topology", "length"):
         r.add_argument(f"--{name}_weight", type=float, default=None,
-                       help=f"{name} weight of the reward (default: the reward type's own)")
+                       help=f"{name} weight of the reward; None = the reward type's own")
     r.add_argument("--recall_target", type=float, default=None,
-                   help="recall at which multi_objective's recall bonus saturates (default: the reward's, 0.85)")
+                   help="recall at which multi_objective's recall bonus saturates; None = the reward's own, 0.85")
     r.add_argument("--dynamic_recall", action="store_true",
                    help="multi_objective: recall weight 0.4 while the running recall of the rollouts is < 0.80")
     return p.parse_args(argv)
@@ -151,12 +156,12 @@ def reference_weights(params, reference):
 
 
 @torch.no_grad()
-def collect_rollout(model, batch, cache, reward_fn, args, policy_params, reference, autocast):
+def collect_rollout(model, batch, cache, reward_fn, args, policy_params, reference, autocast, generator=None):
     """Sample --group_size masks per image from the current policy and score them.
 
     Returns dict(batch, actions (B, G, h, w) bool, logp_old (B, G), ref_logits (B, 1, h, w) at the
     temperature, rewards (B, G), values (B,) or None, terms: reward terms as (B*G,) numpy arrays)."""
-    masks = batch.pop("masks")
+    masks = batch["masks"]
     with autocast():
         out = forward_batch(model, batch, cache)
         with reference_weights(policy_params, reference):
@@ -164,7 +169,7 @@ def collect_rollout(model, batch, cache, reward_fn, args, policy_params, referen
     logits = out["low_res_logits"] / args.temperature
     b, _, h, w = logits.shape
     probs = logits.sigmoid().expand(b, args.group_size, h, w)
-    actions = torch.bernoulli(probs)
+    actions = torch.bernoulli(probs, generator=generator)
     logp_old = mask_log_likelihood(logits.expand_as(actions), actions)
     sam_size = model.grounding_encoder.sam2_model.image_size
     terms = []
@@ -283,10 +288,13 @@ def main(args):
     all_params = [p for p in model.parameters() if p.requires_grad]
     # the reference = the policy at the start of the stage, taken before a resume point is loaded
     reference = [p.detach().clone() for p in policy_params]
+    # its own generator for actions and minibatch order, saved with a resume point: other consumers of
+    # the global RNG (a DataLoader draws a seed per iterator) cannot shift a resumed run's samples
+    rng = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
 
     # ---- resume
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_reward=-math.inf, best_epoch=None, history=[], bad_steps=0,
-                 running_recall=None, epoch_rollouts=[])
+                 running_recall=None, epoch_rollouts=[], rng=None)
     if args.resume:
         client = load_resume_point(engine, run_dir)
         if client is None:
@@ -295,10 +303,11 @@ def main(args):
             state = client["trainer"]
             set_rng_state(client["rng"])
             reward_fn.running_recall = state["running_recall"]
+            rng.set_state(state["rng"])
             logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
 
     def checkpoint():
-        state["running_recall"] = reward_fn.running_recall
+        state["running_recall"], state["rng"] = reward_fn.running_recall, rng.get_state()
         save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
 
     def meta(epoch, metrics):
@@ -320,23 +329,23 @@ def main(args):
         epoch = state["epoch"]
         sampler.set_epoch(epoch, start=state["micro_in_epoch"] * args.batch_size)
         batches = iter(train_loader)
-        window, t_window, steps_in_window, masks_in_window, last_logged = [], time.time(), 0, 0, state["step"]
+        window, t_window, steps_in_window, images_in_window, last_logged = [], time.time(), 0, 0, state["step"]
         while True:
             step_before = state["step"]
             rollout = [collect_rollout(model, move_batch(b, device), cache, reward_fn, args, policy_params, reference,
-                                       engine.autocast) for _, b in zip(range(args.rollout_batches), batches)]
+                                       engine.autocast, rng) for _, b in zip(range(args.rollout_batches), batches)]
             if not rollout:
                 break
             set_advantages(rollout, args)
             summary = rollout_summary(rollout)
             # every rank must use the same reward weights: the dynamic switch reads the recall of all ranks
             n_masks = sum(ro["rewards"].numel() for ro in rollout)
-            masks_in_window += n_masks * world_size
+            images_in_window += sum(len(ro["rewards"]) for ro in rollout) * world_size
             recall_sum = all_reduce_sum(torch.tensor([summary["recall"] * n_masks, n_masks], dtype=torch.float64))
             reward_fn.update_running_recall(float(recall_sum[0] / recall_sum[1]))
             updates = []
             for _ in range(args.ppo_epochs):
-                for i in random.sample(range(len(rollout)), len(rollout)):
+                for i in torch.randperm(len(rollout), generator=rng, device=device).tolist():
                     loss, stats = ppo_loss(model, rollout[i], cache, args, engine.autocast)
                     engine.backward(finite_or_zero(loss, all_params, state, args.max_bad_steps, logger.line))
                     if engine_step(engine):
@@ -350,8 +359,8 @@ def main(args):
             if state["step"] - last_logged >= args.log_every:
                 log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs} step "
                                  f"{state['step']}/{total_steps}", window, time.time() - t_window, steps_in_window,
-                                 masks_in_window, engine.get_lr()[0])
-                window, t_window, steps_in_window, masks_in_window, last_logged = [], time.time(), 0, 0, state["step"]
+                                 images_in_window, engine.get_lr()[0])
+                window, t_window, steps_in_window, images_in_window, last_logged = [], time.time(), 0, 0, state["step"]
             if args.save_every and state["step"] // args.save_every > step_before // args.save_every:
                 checkpoint()
 

@@ -109,6 +109,10 @@ def setup_model(args, log=print):
     set_trainable(model, parts)
     if args.grad_ckpt:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # InternLM2's remote code ignores those kwargs and checkpoints with the reentrant variant,
+        # which passes no gradient to LoRA unless the layer input requires grad (the embeddings
+        # are frozen): make it require grad, as the released wrap_llm_lora does
+        model.language_model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
     return model, tokenizer, parts

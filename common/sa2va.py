@@ -56,6 +56,8 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
     for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
         if token not in tokenizer.get_vocab():
             raise CheckpointError(f"{name_or_path}: tokenizer has no {token} token; is this a Sa2VA checkpoint?")
+    # the released class leaves this None until preparing_for_generation(); the forward path needs it
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     return model, tokenizer
 
 
@@ -72,9 +74,34 @@ def load_released(path, dtype):
     transformers need (see README, "Supported checkpoints")."""
     config, model_cls = released_classes(path)
     model = model_cls.from_pretrained(path, config=config, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
+    rebuild_unsaved_state(model)
     # `_llm_forward` increments a counter the released __init__ never creates
     model._count = 0
     return model
+
+
+def rebuild_unsaved_state(model):
+    """Shim 3, transformers >= 5: models are built on the meta device and only checkpoint weights
+    are filled in, so state the released code computes in __init__ without saving it is left
+    empty: InternLM2's rotary `inv_freq`/`cos_cached`/`sin_cached` (garbage -> NaN hidden states)
+    and SAM2 memory attention's `freqs_cis` (meta). Recompute both as their __init__ does;
+    refuse to go on if any other tensor was left on the meta device."""
+    for name, module in model.named_modules():
+        if hasattr(module, "_set_cos_sin_cache") and hasattr(module, "base") and hasattr(module, "dim"):
+            device, dtype = module.cos_cached.device, module.cos_cached.dtype
+            if device.type == "meta":
+                device, dtype = torch.device("cpu"), torch.get_default_dtype()
+            inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2, device=device).float() / module.dim))
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
+            module._set_cos_sin_cache(seq_len=module.max_position_embeddings, device=device, dtype=dtype)
+        freqs = getattr(module, "freqs_cis", None)
+        if torch.is_tensor(freqs) and freqs.is_meta and hasattr(module, "compute_cis"):
+            side = int(round(freqs.shape[0] ** 0.5))
+            module.freqs_cis = module.compute_cis(end_x=side, end_y=side)
+        for key, value in list(vars(module).items()) + list(module.named_buffers(recurse=False)):
+            if torch.is_tensor(value) and value.is_meta:
+                raise CheckpointError(f"{name}.{key} was left on the meta device by this transformers version; "
+                                      f"use a supported version (README, 'Supported checkpoints')")
 
 
 def released_classes(path):
@@ -173,7 +200,7 @@ class Sa2VAProcessor:
         normalises it with the model's own `preprocess_image` (/255, mean/std in the model's
         dtype and constants), so the SAM2 input is bit-identical to predict_forward's."""
         size = self.iface.sam_image_size
-        x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+        x = np.array(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)  # writable
         return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
     def token_ids(self, num_tiles, prompt=None, answer=None):

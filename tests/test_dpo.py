@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +21,15 @@ from common.lora import load_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
 from common.pairs import PAIR_KEYS, PairDataset, load_pairs
 from common.sa2va import Sa2VAProcessor, describe, load_model
+from make_dpo_pairs import sample_masks
 
-# DPO on the tiny model: a CPU-sized lr (the mission's 5e-6 is for the real model); the rest
-# are the mission's defaults (beta 0.1, grad accumulation 4)
-QUICK_DPO = ["--lr", "1e-3", "--epochs", "2", "--batch_size", "4", "--num_workers", "0", "--log_every", "1",
-             "--patience", "0"]
+# DPO on the tiny model. beta: the mission's log-likelihood is a per-pixel MEAN, so h =
+# (logp_w - ref_w) - (logp_l - ref_l) moves by ~1e-2 when the masks change a lot; beta 0.1 keeps
+# beta * h ~ 1e-3, the sigmoid never saturates, the reference never binds, and the heads drift
+# (README, "DPO"). beta 100 lets the reference term act at h ~ 0.01-0.05. lr: CPU-sized for the
+# tiny model (the mission's 5e-6 is for the real one). Grad accumulation 4 as in the mission.
+QUICK_DPO = ["--beta", "100", "--lr", "3e-4", "--epochs", "2", "--batch_size", "4", "--num_workers", "0",
+             "--log_every", "1", "--patience", "0", "--val_pair_fraction", "0.25"]
 DICE_NOISE = 0.02  # val Dice of 24 frames moves this much between neighbouring checkpoints of a flat run
 
 
@@ -178,9 +183,10 @@ def sft_best(sft_run):
     return os.path.join(sft_run, "best")
 
 
-def make_pairs(synth_data, sft_best, out, mode, *extra):
+def make_pairs(synth_data, tiny_folder, sft_best, out, mode, *extra):
     args = make_dpo_pairs.parse_args(["--mode", mode, "--data", synth_data, "--output", str(out), "--num_workers", "0",
-                                      *([] if mode == "from_predictions" else ["--init", sft_best]), *extra])
+                                      "--model", tiny_folder, *([] if mode == "from_predictions" else
+                                                                ["--init", sft_best]), *extra])
     summary = make_dpo_pairs.main(args)
     pairs = load_pairs(str(out), min_iou_gap=args.min_iou_gap)
     with open(out / "dpo_annotations.json") as f:
@@ -191,8 +197,26 @@ def make_pairs(synth_data, sft_best, out, mode, *extra):
     return pairs, summary
 
 
-def test_generate_mode(synth_data, sft_best, tmp_path):
-    pairs, summary = make_pairs(synth_data, sft_best, tmp_path / "gen", "generate", "--num_samples", "3",
+def test_sampled_masks_follow_the_model_distribution():
+    """Each low-res pixel is Bernoulli(sigmoid(logit / T)), with or without spatial correlation;
+    correlation makes neighbours agree more often; a seed gives the same masks."""
+    model = SimpleNamespace(grounding_encoder=SimpleNamespace(sam2_model=SimpleNamespace(image_size=16)))
+    logits = torch.linspace(-3, 3, 16).repeat(16, 1)[None, None]  # (1, 1, 16, 16): columns from -3 to 3
+    expected = torch.sigmoid(logits[0, 0, 0] / 2.0)  # T = 2
+    agree = {}
+    for sigma in (0.0, 2.0):
+        masks = sample_masks(model, logits, (16, 16), 400, 2.0, sigma, torch.Generator().manual_seed(0)).float()
+        assert masks.shape == (400, 16, 16)
+        # per column: 6400 draws (correlated ones count for fewer), so 0.05 is several standard errors
+        assert torch.allclose(masks.mean(dim=(0, 1)), expected, atol=0.05), sigma
+        agree[sigma] = (masks[:, :, 1:] == masks[:, :, :-1]).float().mean().item()
+        again = sample_masks(model, logits, (16, 16), 400, 2.0, sigma, torch.Generator().manual_seed(0)).float()
+        assert torch.equal(masks, again)
+    assert agree[2.0] > agree[0.0] + 0.1
+
+
+def test_generate_mode(synth_data, tiny_folder, sft_best, tmp_path):
+    pairs, summary = make_pairs(synth_data, tiny_folder, sft_best, tmp_path / "gen", "generate", "--num_samples", "3",
                                 "--max_train_samples", "16", "--include_gt")
     print(f"\ngenerate: {summary['pairs']} pairs of {summary['images']} images, gaps {summary['iou_gap_quantiles']}")
     assert all(p["iou_gap"] >= 0.05 for p in pairs)
@@ -201,10 +225,6 @@ def test_generate_mode(synth_data, sft_best, tmp_path):
     assert names and all(n.split("__")[0] in {p["stem"] for p in pairs} for n in names)
     gt_pairs = [p for p in pairs if p["chosen_iou"] == 1.0]
     assert gt_pairs and all(p["chosen_mask"].startswith("../") for p in gt_pairs)
-    # the same arguments give the same masks (seeded per image)
-    again, _ = make_pairs(synth_data, sft_best, tmp_path / "gen2", "generate", "--num_samples", "3",
-                          "--max_train_samples", "16", "--include_gt")
-    assert [(p["chosen_iou"], p["rejected_iou"]) for p in again] == [(p["chosen_iou"], p["rejected_iou"]) for p in pairs]
 
 
 def test_from_predictions_mode(synth_data, tmp_path):
@@ -215,15 +235,15 @@ def test_from_predictions_mode(synth_data, tmp_path):
         thin = gt & np.roll(gt, 1, axis=1)
         _png(str(tmp_path / "thin" / f"{f.key}.png"), thin * 255)
         _png(str(tmp_path / "shifted" / f"{f.key}.png"), np.roll(gt, 3, axis=0) * 255)
-    pairs, summary = make_pairs(synth_data, None, tmp_path / "fp", "from_predictions", "--predictions",
+    pairs, summary = make_pairs(synth_data, None, None, tmp_path / "fp", "from_predictions", "--predictions",
                                 f"thin={tmp_path / 'thin'}", f"shifted={tmp_path / 'shifted'}")
     assert summary["skipped"] == {"no candidate": len(train) - 8}
     assert summary["chosen_tags"] == {"thin": 8} and summary["rejected_tags"] == {"shifted": 8}
     assert all(p["chosen_mask_path"].startswith(str(tmp_path / "thin")) for p in pairs)  # referenced, not copied
 
 
-def test_gt_mode(synth_data, sft_best, tmp_path):
-    pairs, summary = make_pairs(synth_data, sft_best, tmp_path / "gt", "gt", "--max_train_samples", "16")
+def test_gt_mode(synth_data, tiny_folder, sft_best, tmp_path):
+    pairs, summary = make_pairs(synth_data, tiny_folder, sft_best, tmp_path / "gt", "gt", "--max_train_samples", "16")
     assert all(p["chosen_iou"] == 1.0 and p["chosen_mask"].startswith("../") for p in pairs)
     assert summary["pairs"] + summary["skipped"].get("dice above --max_dice", 0) + \
         summary["skipped"].get("iou gap below --min_iou_gap", 0) == 16
@@ -231,13 +251,15 @@ def test_gt_mode(synth_data, sft_best, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def dpo_run(synth_data, sft_best, tmp_path_factory):
+def dpo_run(synth_data, tiny_folder, sft_best, tmp_path_factory):
+    """GT-vs-prediction pairs of every video (the data's val videos included: train_dpo must hold
+    them out), then DPO from the SFT checkpoint."""
     out = tmp_path_factory.mktemp("dpo")
-    args = make_dpo_pairs.parse_args(["--mode", "gt", "--data", synth_data, "--init", sft_best, "--output",
-                                      str(out / "pairs"), "--num_workers", "0"])
+    args = make_dpo_pairs.parse_args(["--mode", "gt", "--split", "all", "--data", synth_data, "--model", tiny_folder,
+                                      "--init", sft_best, "--output", str(out / "pairs"), "--num_workers", "0"])
     make_dpo_pairs.main(args)
-    args = train_dpo.parse_args(["--data", synth_data, "--init", sft_best, "--pairs", str(out / "pairs"),
-                                 "--output", str(out / "runs")] + QUICK_DPO)
+    args = train_dpo.parse_args(["--data", synth_data, "--model", tiny_folder, "--init", sft_best, "--pairs",
+                                 str(out / "pairs"), "--output", str(out / "runs")] + QUICK_DPO)
     return train_dpo.main(args), str(out / "pairs")
 
 
@@ -260,11 +282,11 @@ def test_dpo_raises_held_out_accuracy_and_keeps_val_dice(dpo_run):
     assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and first["train/margin"] == 0
 
 
-def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, sft_best, synth_data):
+def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, tiny_folder, sft_best, synth_data):
     run, pairs_dir = dpo_run
-    start, _ = load_model("tiny")
+    start, _ = load_model(tiny_folder)
     load_stage(start, sft_best)
-    end, tokenizer = load_model("tiny")
+    end, tokenizer = load_model(tiny_folder)
     load_stage(end, os.path.join(run, "final"))
     trained = ("text_hidden_fcs.", "grounding_encoder.sam2_model.sam_mask_decoder.")
     start_params = dict(start.named_parameters())
@@ -280,7 +302,9 @@ def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, sft_best,
         stored = torch.tensor(json.load(f)["train"])
     args = train_dpo.parse_args(["--data", synth_data, "--pairs", pairs_dir] + QUICK_DPO)
     _, val_frames = build_splits(synth_data)
-    train_pairs, _ = train_dpo.split_pairs(args, load_pairs(pairs_dir), val_frames)
+    train_pairs, held_pairs = train_dpo.split_pairs(args, load_pairs(pairs_dir), val_frames)
+    val_videos = {f.video for f in val_frames}
+    assert val_videos <= {e["video"] for e in held_pairs} and not val_videos & {e["video"] for e in train_pairs}
     dataset = PairDataset(train_pairs[:8])
     processor = Sa2VAProcessor(describe(start, tokenizer), tokenizer)
     loader = torch.utils.data.DataLoader(dataset, 4, collate_fn=processor)

@@ -44,11 +44,11 @@ def mined(hard_data, sft_best, tmp_path_factory):
     (the tiny model is far below the mission's 0.75, so a relative threshold makes both parts exist)."""
     out = tmp_path_factory.mktemp("mined")
     common = ["--data", hard_data, "--init", sft_best, "--num_workers", "0"]
-    val = mine_hard.main(mine_hard.parse_args(common + ["--split", "val", "--output", str(out / "val.json")]))
+    val = mine_hard.main(mine_hard.parse_args(common + ["--split", "val", "--output", str(out / "val")]))
     threshold = float(np.median([s["dice"] for s in val["scores"]]))
-    path = str(out / "hard_samples.json")
-    mine_hard.main(mine_hard.parse_args(common + ["--threshold_hard", f"{threshold:.6f}", "--output", path, "--plot"]))
-    return path, float(f"{threshold:.6f}")
+    train_args = ["--threshold_hard", f"{threshold:.6f}", "--output", str(out / "train"), "--plot"]
+    mine_hard.main(mine_hard.parse_args(common + train_args))
+    return str(out / "train" / "hard_samples.json"), float(f"{threshold:.6f}")
 
 
 # ---------------------------------------------------------------- clusters and buckets (pure)
@@ -226,6 +226,13 @@ def test_mine_hard_writes_valid_json(mined, hard_data):
         assert c["mean_dice"] == pytest.approx(np.mean([dice[k] for k in c["keys"]]))
     videos = {s["video"] for s in report["scores"]}
     assert len(os.listdir(os.path.join(os.path.dirname(path), "dice_plots"))) == len(videos)
+    # the synthetic videos' washed-out stretches (synth_meta.json) show up as temporal clusters
+    with open(os.path.join(hard_data, "synth_meta.json")) as f:
+        meta = json.load(f)
+    stretches = [(v["id"], a, b) for v in meta["videos"] if v["id"] in videos for a, b in v["hard_stretches"]]
+    found = [s for s in stretches if any(c["video"] == s[0] and c["first_frame"] <= s[2] and s[1] <= c["last_frame"]
+                                         for c in report["clusters"])]
+    assert stretches and len(found) >= len(stretches) / 2
 
 
 def test_train_hard_improves_hard_subset(mined, sft_best, hard_data, tmp_path):
@@ -249,7 +256,8 @@ def test_train_hard_improves_hard_subset(mined, sft_best, hard_data, tmp_path):
     # and every training sample is served from the cache
     n_hard = len(info["rounds"][0]["hard"])
     first, *later = info["history"]
-    assert first["computed"] >= n_hard and all(e["computed"] <= first["train_samples"] - n_hard for e in later)
+    assert first["precomputed"] >= n_hard
+    assert all(e["precomputed"] <= first["train_samples"] - n_hard for e in later)
     assert all(e["train_cache_hits"] == e["train_samples"] for e in info["history"])
     assert info["history"][-1]["cache"]["hits"]["seg_hidden"] > 0
 

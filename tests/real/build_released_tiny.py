@@ -102,6 +102,17 @@ def build_tokenizer(llm):
     return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=SPECIAL, **kw)
 
 
+def save_tokenizer(tokenizer, folder):
+    """tokenizer.json + a minimal tokenizer_config.json that transformers 4.x and 5.x both load
+    (`save_pretrained` of 5.x writes a class name and special-token layout 4.x rejects)."""
+    tokenizer.backend_tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    names = ("bos_token", "eos_token", "pad_token", "unk_token")
+    config = {k: getattr(tokenizer, k) for k in names if getattr(tokenizer, k) is not None}
+    config.update(tokenizer_class="PreTrainedTokenizerFast", additional_special_tokens=SPECIAL, model_max_length=4096)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def tiny_config(llm, tokenizer, dtype):
     """config.json of the released class at toy sizes (keys as in released Sa2VA configs)."""
     sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -109,8 +120,10 @@ def tiny_config(llm, tokenizer, dtype):
                  tie_word_embeddings=False, torch_dtype=dtype, pad_token_id=tokenizer.pad_token_id,
                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     if llm == "internlm2":
+        # rope_scaling as in InternLM2.5-7B/20B's config (and transformers 5 needs its 'type' key)
         llm_config = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
-                          attn_implementation="eager", rope_theta=1000000, **sizes)
+                          attn_implementation="eager", rope_theta=1000000,
+                          rope_scaling={"type": "dynamic", "factor": 2.0}, **sizes)
     else:
         llm_config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0, **sizes)
     vision_config = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", image_size=448,
@@ -138,6 +151,9 @@ def main(args):
     os.makedirs(parent, exist_ok=True)
     # a dot-free temporary name: transformers imports the folder's code as a module named after it
     tmp = tempfile.mkdtemp(prefix="sa2va_build_", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
     try:
         code = args.sa2va_code or extract_code(args.sa2va_repo, os.path.join(tmp, "_code"))
         check_code_dir(code)
@@ -159,7 +175,7 @@ def main(args):
         # the weights alone: the released config class cannot be built without arguments, which
         # `save_pretrained` needs on most transformers versions; config.json is ours already
         save_model(model.to(getattr(torch, dtype)), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)

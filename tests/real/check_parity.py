@@ -33,7 +33,8 @@ from common.forward import decode_masks, forward_batch, full_size_logits, llm_fo
     sam_image_features  # noqa: E402
 from common.lora import load_stage  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, SEG, Sa2VAProcessor, describe, load_model  # noqa: E402
+from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, SEG, Sa2VAProcessor, describe, load_model, \
+    unwrap_llm  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_weights", default=None, help="stage checkpoint for (e)")
     p.add_argument("--merged", default=None, help="merge_lora.py output of --model + --lora_weights, for (e)")
     p.add_argument("--out", default=None, help="write the JSON report here too")
+    p.add_argument("--dump", default=None, help="save our and the released full-size logits (.npz), e.g. to compare "
+                                                "the same weights across transformers versions")
     return p.parse_args(argv)
 
 
@@ -136,24 +139,52 @@ def ours(model, tokenizer, image, prompt, answer, device, g_pixels=None):
     return dict(seg_hidden=seg_hidden.float().cpu(), seg_embed=seg_embed.float().cpu(), logits=logits.cpu())
 
 
+def to_mask(logits):
+    """The released threshold convention: sigmoid > 0.5 (not logits > 0: they differ where
+    |logit| < ~3e-8, which sigmoid rounds to exactly 0.5 in float32)."""
+    return (logits.float().sigmoid() > 0.5).numpy()
+
+
 def max_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
+@torch.no_grad()
+def causal_lm_last_hidden(model, tokenizer, image, prompt, answer, device):
+    """max |our [SEG] state - the CausalLM's output_hidden_states[-1] at [SEG]|: the forward path
+    runs the decoder without lm_head and reads `last_hidden_state`; this checks the two agree
+    (post-norm) for the model's LLM class on this transformers version."""
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, prompt, answer)
+    batch = move_batch(processor([dict(image=image, key="x")]), device)
+    seg_hidden, _ = llm_forward(model, batch)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    vit = model.extract_feature(batch["pixel_values"].to(next(model.vision_model.parameters()).dtype))
+    embeds = embeds.masked_scatter((batch["input_ids"] == model.img_context_token_id)[..., None], vit.to(embeds.dtype))
+    out = unwrap_llm(model.language_model)(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                           output_hidden_states=True, use_cache=False)
+    return max_diff(seg_hidden[0], out.hidden_states[-1][0, batch["seg_index"][0]])
+
+
 def parity(model, tokenizer, image, prompt, device, dtype):
     """(a)-(c): released predict_forward vs the forward path with the same answer text."""
-    rel = released_predict(model, tokenizer, image, prompt, device, dtype)
     iface = describe(model, tokenizer)
-    answer = answer_text(rel["prediction"], iface.template, tokenizer)
-    report = dict(prediction=rel["prediction"], answer_used=answer, released_masks=len(rel["masks"]))
+    try:
+        rel = released_predict(model, tokenizer, image, prompt, device, dtype)
+    except Exception as e:  # e.g. InternLM2's remote code cannot generate on transformers >= 4.50
+        rel = dict(prediction=None, masks=[], error=f"{type(e).__name__}: {e}"[:500])
+    answer = answer_text(rel["prediction"] or DEFAULT_ANSWER, iface.template, tokenizer)
+    report = dict(prediction=rel["prediction"], answer_used=answer, released_masks=len(rel["masks"]),
+                  released_error=rel.get("error"),
+                  causal_lm_hidden_max_diff=causal_lm_last_hidden(model, tokenizer, image, prompt,
+                                                                  answer if SEG in answer else DEFAULT_ANSWER, device))
     if SEG not in answer:
         report["note"] = f"the model answered without {SEG}: no released mask; forward path run with {DEFAULT_ANSWER!r}"
         answer = DEFAULT_ANSWER
     mine = ours(model, tokenizer, image, prompt, answer, device)
-    report["our_mask_pixels"] = int((mine["logits"] > 0).sum())
+    report["our_mask_pixels"] = int(to_mask(mine["logits"]).sum())
     if rel["masks"]:
         same_pixels = ours(model, tokenizer, image, prompt, answer, device, g_pixels=rel["g_pixels"])
-        ours_mask = (mine["logits"] > 0).numpy()
+        ours_mask = to_mask(mine["logits"])
         report.update(
             seg_hidden_max_diff=max_diff(mine["seg_hidden"][0], rel["seg_hidden"][0]),
             seg_embed_max_diff=max_diff(mine["seg_embed"][0], rel["seg_embed"][0]),
@@ -162,7 +193,7 @@ def parity(model, tokenizer, image, prompt, device, dtype):
             released_mask_pixels=int(rel["masks"][0].sum()),
             masks_equal=bool((ours_mask == rel["masks"][0]).all()),
             mask_pixels_differing=int((ours_mask != rel["masks"][0]).sum()),
-            mask_pixels_differing_same_sam_pixels=int(((same_pixels["logits"] > 0).numpy() != rel["masks"][0]).sum()))
+            mask_pixels_differing_same_sam_pixels=int((to_mask(same_pixels["logits"]) != rel["masks"][0]).sum()))
     return report, rel, mine
 
 
@@ -218,8 +249,8 @@ def merged_vs_adapter(args, image, device, dtype):
             torch.cuda.empty_cache()
     a, m = out["adapter"], out["merged"]
     report = dict(forward_logits_max_diff=max_diff(a["logits"], m["logits"]),
-                  forward_masks_equal=bool(((a["logits"] > 0) == (m["logits"] > 0)).all()),
-                  forward_mask_pixels_differing=int(((a["logits"] > 0) != (m["logits"] > 0)).sum()),
+                  forward_masks_equal=bool((to_mask(a["logits"]) == to_mask(m["logits"])).all()),
+                  forward_mask_pixels_differing=int((to_mask(a["logits"]) != to_mask(m["logits"])).sum()),
                   predictions=[a["prediction"], m["prediction"]])
     if a["masks"] and m["masks"]:
         report.update(released_masks_equal=bool((a["masks"][0] == m["masks"][0]).all()),
@@ -236,7 +267,10 @@ def main(args):
     report = dict(model=args.model, cls=type(model).__name__, llm=describe(model, tokenizer).llm_arch,
                   transformers=transformers.__version__, torch=torch.__version__, device=str(device),
                   dtype=args.dtype, image_size=list(image.size))
-    report["parity"] = parity(model, tokenizer, image, args.prompt, device, dtype)[0]
+    report["parity"], rel, mine = parity(model, tokenizer, image, args.prompt, device, dtype)
+    if args.dump:
+        np.savez(args.dump, ours=mine["logits"].numpy(), seg_hidden=mine["seg_hidden"].numpy(),
+                 **({"released": rel["logits"][0].numpy()} if rel.get("logits") else {}))
     del model
     if not args.skip_step:
         report["sft_step"] = sft_step(args, device)
