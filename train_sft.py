@@ -20,8 +20,8 @@ import torch
 
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
-from common.engine import (RunLogger, build_engine, cleanup, engine_step, gather_for_save, gpu_memory_gib,
-                           init_distributed, is_main, load_resume_point, make_run_dir, print0, rng_state,
+from common.engine import (RunLogger, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
+                           init_distributed, is_main, load_resume_point, log_train_window, make_run_dir, rng_state,
                            save_resume_point, seed_everything, set_rng_state, versions, write_json)
 from common.evaluation import validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
@@ -128,15 +128,7 @@ def main(args):
                 losses["text"] = text_loss(*out["text"])
                 loss = loss + args.text_weight * losses["text"]
                 losses["text"] = losses["text"].detach()
-            if not torch.isfinite(loss):
-                # keep every rank's backward/step count equal: a zero loss over the same graph
-                state["bad_steps"] += 1
-                logger.line(f"non-finite loss at step {state['step']} ({state['bad_steps']} so far); step skipped")
-                if state["bad_steps"] > args.max_bad_steps:
-                    raise RuntimeError(f"{state['bad_steps']} non-finite losses (> --max_bad_steps); stopping. "
-                                       f"Lower --lr, or check the data")
-                loss = sum(p.sum() for p in params) * 0.0
-            engine.backward(loss)
+            engine.backward(finite_or_zero(loss, params, state, args.max_bad_steps, logger.line))
             stepped = engine_step(engine)
             state["micro_in_epoch"] += 1
             window.append({k: float(v.detach()) for k, v in losses.items()})
@@ -144,15 +136,9 @@ def main(args):
                 continue
             state["step"] += 1
             if state["step"] % args.log_every == 0 or state["step"] == total_steps:
-                avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                dt = time.time() - t_window
-                samples = len(window) * args.batch_size * world_size
-                lr = engine.get_lr()[0]
-                logger.line(f"epoch {epoch + 1}/{args.epochs} step {state['step']}/{total_steps} | "
-                            + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                            + f" | lr {lr:.2e} | {dt / max(1, len(window) // args.grad_accum):.2f} s/step "
-                            f"{samples / dt:.1f} samples/s | {gpu_memory_gib():.1f} GiB")
-                logger.record(state["step"], {f"train/{k}": v for k, v in avg.items()} | {"train/lr": lr})
+                log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs} step {state['step']}/{total_steps}",
+                                 window, time.time() - t_window, len(window) // args.grad_accum,
+                                 len(window) * args.batch_size * world_size, engine.get_lr()[0])
                 window, t_window = [], time.time()
             if args.save_every and state["step"] % args.save_every == 0:
                 checkpoint()

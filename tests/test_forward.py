@@ -3,7 +3,6 @@ failure mode it fixes (no gradient through generate)."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from common.data import VesselDataset, build_splits
 from common.forward import decode_masks, forward_batch, full_size_logits, llm_forward, sam_image_features

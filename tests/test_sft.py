@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_sft
 from common.lora import load_stage
 from common.sa2va import load_model
-from conftest import QUICK_SFT, ROOT
+from conftest import ROOT
 
 
 def test_sft_changes_every_trained_part_and_no_frozen_one(sft_run):

@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common.sa2va import released_classes  # noqa: E402
@@ -41,6 +41,25 @@ from common.tiny import IMG_CONTEXT, IMG_END, IMG_START, SEG, teach_answer  # no
 CODE_DIRS = ("projects/sa2va/hf/models", "projects/llava_sam2/hf/models")
 REQUIRED = ("modeling_sa2va_chat.py", "configuration_sa2va_chat.py", "sam2.py", "templates.py")
 TEMPLATES = {"qwen2": "qwen_chat", "internlm2": "internlm2_chat"}
+# --shape: the released sizes (InternVL2.5 vision + LLM configs), random weights, for GPU timing.
+VIT_300M = dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24,
+                qkv_bias=True, qk_normalization=False, norm_type="layer_norm")
+VIT_6B = dict(hidden_size=3200, num_attention_heads=25, intermediate_size=12800, num_hidden_layers=45,
+              qkv_bias=False, qk_normalization=True, norm_type="rms_norm")
+SHAPES = {  # shape: (llm family, vision sizes, llm sizes)
+    "tiny": (None, dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+                        qkv_bias=True, qk_normalization=False, norm_type="layer_norm"),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)),
+    "1b": ("qwen2", VIT_300M, dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151674)),
+    "4b": ("qwen2", VIT_300M, dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                   num_attention_heads=16, num_key_value_heads=2, vocab_size=151674)),
+    "8b": ("internlm2", VIT_300M, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=92553)),
+    "26b": ("internlm2", VIT_6B, dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48,
+                                      num_attention_heads=48, num_key_value_heads=8, vocab_size=92553)),
+}
 SPECIAL = ["<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT, SEG, "<p>", "</p>", "<vp>", "</vp>"]
 
 
@@ -54,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--extract_to", default=None, help="only copy the code folder of --sa2va_repo here and stop")
     p.add_argument("--out", default=None, help="model folder to write")
     p.add_argument("--llm", choices=tuple(TEMPLATES), default="qwen2", help="LLM family of the tiny model")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="tiny",
+                   help="tiny (CPU checks) or the vision/LLM sizes of Sa2VA-1B/4B/8B/26B (random weights, for GPU "
+                        "timing; the LLM family follows the release, the vocabulary stays tiny, nothing is taught)")
+    p.add_argument("--device", default="cpu", help="where to build the weights (cuda: much faster for big shapes)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored weights (releases store bf16)")
     p.add_argument("--teach_steps", type=int, default=60, help="teacher-forced steps that teach 'It is [SEG].'")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -102,6 +125,31 @@ def build_tokenizer(llm):
     return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=SPECIAL, **kw)
 
 
+def save_weights(state, folder, shard_bytes=5 * 2 ** 30):
+    """safetensors shards of <= shard_bytes + index, as HF checkpoints are laid out (the
+    released config class cannot be built without arguments, which `save_pretrained` needs
+    on most transformers versions; config.json is written by hand already)."""
+    shards, size = [{}], 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
+
+
 def save_tokenizer(tokenizer, folder):
     """tokenizer.json + a minimal tokenizer_config.json that transformers 4.x and 5.x both load
     (`save_pretrained` of 5.x writes a class name and special-token layout 4.x rejects)."""
@@ -113,10 +161,10 @@ def save_tokenizer(tokenizer, folder):
         json.dump(config, f, indent=2)
 
 
-def tiny_config(llm, tokenizer, dtype):
-    """config.json of the released class at toy sizes (keys as in released Sa2VA configs)."""
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+def tiny_config(llm, tokenizer, dtype, shape="tiny"):
+    """config.json of the released class at toy (or --shape) sizes (keys as in released Sa2VA configs)."""
+    _, vit, llm_sizes = SHAPES[shape]
+    sizes = dict(dict(vocab_size=len(tokenizer)), **llm_sizes, max_position_embeddings=32768,
                  tie_word_embeddings=False, torch_dtype=dtype, pad_token_id=tokenizer.pad_token_id,
                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     if llm == "internlm2":
@@ -127,9 +175,7 @@ def tiny_config(llm, tokenizer, dtype):
     else:
         llm_config = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0, **sizes)
     vision_config = dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", image_size=448,
-                         patch_size=14, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                         num_hidden_layers=1, qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
-                         use_flash_attn=False, drop_path_rate=0.0, torch_dtype=dtype)
+                         patch_size=14, use_flash_attn=False, drop_path_rate=0.0, torch_dtype=dtype, **vit)
     return dict(
         architectures=["Sa2VAChatModel"], model_type="sa2va_chat", torch_dtype=dtype,
         auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
@@ -161,20 +207,27 @@ def main(args):
             shutil.copy(f, tmp)
         shutil.rmtree(os.path.join(tmp, "_code"), ignore_errors=True)
         dtype = "bfloat16" if args.dtype == "bf16" else "float32"
-        tokenizer = build_tokenizer(args.llm)
+        llm = SHAPES[args.shape][0] or args.llm
+        tokenizer = build_tokenizer(llm)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(tiny_config(args.llm, tokenizer, dtype), f, indent=2)
+            json.dump(tiny_config(llm, tokenizer, dtype, args.shape), f, indent=2)
 
         torch.manual_seed(args.seed)
         config, model_cls = released_classes(tmp)  # the folder's auto_map, with common.sa2va's shims
-        model = model_cls(config).float()
-        # the older release casts the whole model to bf16 in preparing_for_generation: keep fp32 here
-        model.preparing_for_generation = functools.partial(model.preparing_for_generation, torch_dtype=torch.float32)
-        loss = teach_answer(model, tokenizer, steps=args.teach_steps, seed=args.seed)
-        print(f"taught 'It is [SEG].': final loss {loss:.4f}")
-        # the weights alone: the released config class cannot be built without arguments, which
-        # `save_pretrained` needs on most transformers versions; config.json is ours already
-        save_model(model.to(getattr(torch, dtype)), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if args.shape == "tiny":
+            model = model_cls(config).float()
+            # the older release casts the whole model to bf16 in preparing_for_generation: keep fp32 here
+            model.preparing_for_generation = functools.partial(model.preparing_for_generation,
+                                                               torch_dtype=torch.float32)
+            loss = teach_answer(model, tokenizer, steps=args.teach_steps, seed=args.seed)
+            print(f"taught 'It is [SEG].': final loss {loss:.4f}")
+        else:  # release-sized: built straight in the stored dtype, on --device
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(getattr(torch, dtype))
+            with torch.device(args.device):
+                model = model_cls(config)
+            torch.set_default_dtype(default)
+        save_weights(model.to(getattr(torch, dtype)).state_dict(), tmp)
         save_tokenizer(tokenizer, tmp)
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -184,7 +237,8 @@ def main(args):
         raise
     n = sum(p.numel() for p in model.parameters())
     llm_n = sum(p.numel() for p in model.language_model.parameters())
-    print(f"{type(model).__name__} ({args.llm}, {n / 1e6:.1f}M parameters, LLM {llm_n / 1e6:.2f}M) written to {out}")
+    print(f"{type(model).__name__} ({args.shape}, {llm}, {n / 1e6:.1f}M parameters, LLM {llm_n / 1e6:.1f}M) "
+          f"written to {out}")
     return out
 
 
