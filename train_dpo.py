@@ -144,8 +144,8 @@ def main(args):
                                  args.resize_masks, data_format=args.data_format,
                                  allow_empty_annotations=args.allow_empty_annotations)
     train_pairs, held_pairs = split_pairs(args, load_pairs(args.pairs, args.min_iou_gap, args.video_regex), val_frames)
-    if args.max_train_samples:
-        train_pairs = train_pairs[:args.max_train_samples]
+    train_pairs = train_pairs[:args.max_train_samples or None]
+    held_pairs = held_pairs[:args.max_val_samples or None]  # --max_val_samples caps both validation sets
     if not train_pairs:
         raise SystemExit(f"{args.pairs}: no training pair left after holding out validation videos")
     train_set, held_set, val_set = PairDataset(train_pairs), PairDataset(held_pairs), VesselDataset(val_frames,
@@ -158,8 +158,8 @@ def main(args):
                                            **loader_kw)
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, **loader_kw)
     loaders = dict(train=eval_loader(train_set), held=eval_loader(held_set), val=eval_loader(val_set))
-    steps_per_epoch = max(1, math.ceil(sampler.per_rank / args.batch_size) // args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs
+    # the engine counts micro-steps across epochs: leftovers of one epoch complete a step in the next
+    total_steps = max(1, math.ceil(sampler.per_rank / args.batch_size) * args.epochs // args.grad_accum)
     logger.line(f"pairs: {len(train_set)} train / {len(held_set)} held-out ({len({e['video'] for e in train_pairs})} / "
                 f"{len({e['video'] for e in held_pairs})} videos); val split {len(val_set)} frames; effective batch "
                 f"{args.batch_size} x {args.grad_accum} accum x {world_size} procs; {total_steps} optimizer steps")

@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +23,7 @@ from common.lora import load_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
 from common.pairs import PAIR_KEYS, PairDataset, load_pairs
 from common.sa2va import Sa2VAProcessor, describe, load_model
+from conftest import ROOT
 from make_dpo_pairs import sample_masks
 
 # DPO on the tiny model. beta: the mission's log-likelihood is a per-pixel MEAN, so h =
@@ -146,7 +149,7 @@ def test_load_pairs_accepts_a_good_file(pair_folder):
     ("missing_key", r"entry 1: missing key\(s\) iou_gap"),
     ("missing_file", r"entry 1: rejected_mask file .*nothere\.png not found"),
     ("wrong_size", r"entry 1: chosen_mask .*small\.png is 5x4 but the image .*v_1\.png is 12x10"),
-    ("gap_below", r"entry 1: iou_gap 0.75 is below the threshold 0.8"),
+    ("gap_below", r"entry 1: iou_gap 0.6 is below the threshold 0.7"),
     ("gap_inconsistent", r"entry 1: iou_gap 0.5 != chosen_iou - rejected_iou = 0.750000"),
     ("bad_prompt", r"entry 1: prompt must be a string containing <image>"),
     ("not_a_list", r"must be a JSON list"),
@@ -163,7 +166,8 @@ def test_load_pairs_names_the_entry_and_file(pair_folder, case, match):
         _png(str(folder / "masks" / "small.png"), np.zeros((4, 5)))
         bad[1]["chosen_mask"] = "masks/small.png"
     elif case == "gap_below":
-        min_gap = 0.8
+        bad[1].update(rejected_iou=0.4, iou_gap=0.6)
+        min_gap = 0.7
     elif case == "gap_inconsistent":
         bad[1]["iou_gap"] = 0.5
     elif case == "bad_prompt":
@@ -315,3 +319,24 @@ def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, tiny_fold
     train_dpo.disable_dropout(end)
     moved = train_dpo.score_pairs(end.eval(), loader, torch.device("cpu"), None, contextlib.nullcontext)
     assert not torch.allclose(moved, stored[:8], atol=1e-4)
+
+
+def test_dpo_on_the_deepspeed_engine_reference_free(dpo_run, synth_data, tiny_folder, sft_best, tmp_path):
+    """The same loop under a real DeepSpeed engine (ZeRO-2, gloo on CPU), reference-free with
+    label smoothing: runs, moves the heads, and writes no reference file."""
+    pytest.importorskip("deepspeed")
+    _, pairs_dir = dpo_run
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29633")
+    cmd = [sys.executable, os.path.join(ROOT, "train_dpo.py"), "--engine", "deepspeed", "--zero_stage", "2",
+           "--model", tiny_folder, "--data", synth_data, "--init", sft_best, "--pairs", pairs_dir, "--output",
+           str(tmp_path), "--max_train_samples", "8", "--max_val_samples", "4", "--grad_accum", "2",
+           "--reference_free", "--label_smoothing", "0.1"] + QUICK_DPO[:2] + ["--lr", "3e-4", "--epochs", "1",
+                                                                           "--num_workers", "0"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = os.path.join(str(tmp_path), os.listdir(str(tmp_path))[0])
+    assert not os.path.exists(os.path.join(run, train_dpo.REFERENCE_FILE))
+    end = load_file(os.path.join(run, "final", "trained_parts.safetensors"))
+    start = load_file(os.path.join(sft_best, "trained_parts.safetensors"))
+    assert end.keys() == start.keys()
+    assert all(not torch.equal(end[k], start[k]) for k in start if k.startswith("text_hidden_fcs."))

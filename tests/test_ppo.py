@@ -166,15 +166,19 @@ def test_critic_advantages_and_value_head_fit(policy):
     assert ro["values"].shape == (4,)
     train_ppo.set_advantages([ro], args)
     assert torch.allclose(ro["advantages"], normalized_advantages(ro["rewards"] - ro["values"][:, None]))
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    with torch.no_grad():
+        head.net[-1].bias.fill_(1.0)  # start far from the rewards (in [0, 1])
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.02)  # only the value loss reaches the head
     value_losses = []
-    for _ in range(20):
+    for _ in range(10):
         loss, stats = train_ppo.ppo_loss(model, ro, cache, args, _nullcontext)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         value_losses.append(stats["value_loss"])
-    assert value_losses[-1] < 0.5 * value_losses[0]  # the value head fits the rollout's rewards
+    # the value head fits the rollout's rewards (gradient descent on the MSE: monotone at this step size)
+    assert all(b < a for a, b in zip(value_losses, value_losses[1:])), value_losses
+    assert value_losses[-1] < 0.05 * value_losses[0]
 
 
 # ---------------------------------------------------------------- a short run learns

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user prompt, with <image>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights of the parity run")
+    p.add_argument("--skip_parity", action="store_true",
+                   help="skip (a)-(c) (e.g. random release-sized weights, which never answer [SEG])")
     p.add_argument("--skip_step", action="store_true", help="skip (d), the SFT step")
     p.add_argument("--step_batch", type=int, default=4, help="images per SFT step in (d)")
     p.add_argument("--step_size", type=int, default=512, help="image size of the SFT step's synthetic frames")
@@ -261,17 +263,19 @@ def merged_vs_adapter(args, image, device, dtype):
 def main(args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     image = Image.open(args.image).convert("RGB") if args.image else synthetic_frames(1, 512)[0][0]
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    model.to(device).eval()
     import transformers
-    report = dict(model=args.model, cls=type(model).__name__, llm=describe(model, tokenizer).llm_arch,
-                  transformers=transformers.__version__, torch=torch.__version__, device=str(device),
-                  dtype=args.dtype, image_size=list(image.size))
-    report["parity"], rel, mine = parity(model, tokenizer, image, args.prompt, device, dtype)
-    if args.dump:
-        np.savez(args.dump, ours=mine["logits"].numpy(), seg_hidden=mine["seg_hidden"].numpy(),
-                 **({"released": rel["logits"][0].numpy()} if rel.get("logits") else {}))
-    del model
+    report = dict(model=args.model, transformers=transformers.__version__, torch=torch.__version__,
+                  device=str(device), dtype=args.dtype, image_size=list(image.size))
+    if not args.skip_parity:
+        model, tokenizer = load_model(args.model, dtype=dtype)
+        model.to(device).eval()
+        iface = describe(model, tokenizer)
+        report.update(cls=type(model).__name__, interface={k: v for k, v in vars(iface).items() if k != "template"})
+        report["parity"], rel, mine = parity(model, tokenizer, image, args.prompt, device, dtype)
+        if args.dump:
+            np.savez(args.dump, ours=mine["logits"].numpy(), seg_hidden=mine["seg_hidden"].numpy(),
+                     **({"released": rel["logits"][0].numpy()} if rel.get("logits") else {}))
+        del model
     if not args.skip_step:
         report["sft_step"] = sft_step(args, device)
     if args.merged and args.lora_weights:
