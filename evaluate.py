@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import EvalSampler, VesselDataset, cap_frames, load_splits, scan_folder
+from common.data import EvalSampler, VesselDataset, select_split
 from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
 from common.evaluation import METRICS, score_loader, summarize
 from common.lora import load_stage
@@ -57,17 +57,6 @@ def parse_checkpoints(specs):
         else:
             out.append((os.path.basename(os.path.dirname(spec.rstrip("/"))) or spec, spec))
     return out
-
-
-def select_frames(args):
-    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
-                         allow_empty_annotations=args.allow_empty_annotations)
-    if args.split == "all":
-        return frames
-    splits = load_splits(args.data, frames, args.val_fraction, args.seed)
-    if args.split not in splits:
-        raise SystemExit(f"--split {args.split}: the data has splits {sorted(splits)}")
-    return cap_frames(splits[args.split], args.max_val_samples)
 
 
 def overlay(image, gt, pred):
@@ -113,7 +102,7 @@ def main(args):
     seed_everything(args.seed)
     thresholds = sorted({float(t) for t in args.thresholds.split(",") if t} | {args.threshold})
     main_t = thresholds.index(args.threshold)
-    frames = select_frames(args)
+    frames = select_split(args, args.split)
     dataset = VesselDataset(frames, args.resize_masks)
     by_key = {f.key: i for i, f in enumerate(frames)}
     print0(f"scoring {len(dataset)} frames of {args.data} ({args.split}) at thresholds {thresholds}")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common import cli
-from common.data import EvalSampler, VesselDataset, cap_frames, load_splits, scan_folder
+from common.data import EvalSampler, VesselDataset, select_split
 from common.engine import cleanup, init_distributed, is_main, print0, seed_everything, write_json
 from common.evaluation import score_loader
 from common.lora import load_stage
@@ -50,18 +50,6 @@ def parse_args(argv=None):
     g.add_argument("--output", default="mine", help="folder for hard_samples.json (and dice_plots/)")
     g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index in dice_plots/")
     return p.parse_args(argv)
-
-
-def select_frames(args):
-    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
-                         allow_empty_annotations=args.allow_empty_annotations)
-    if args.split == "all":
-        return frames
-    splits = load_splits(args.data, frames, args.val_fraction, args.seed)
-    if args.split not in splits:
-        raise SystemExit(f"--split {args.split}: the data has splits {sorted(splits)} (or use all)")
-    # the same caps as the training scripts, so a mined train list names the frames they train on
-    return cap_frames(splits[args.split], args.max_train_samples if args.split == "train" else args.max_val_samples)
 
 
 def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0):
@@ -210,7 +198,7 @@ def write_plots(report, folder):
 def main(args):
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
-    frames = select_frames(args)
+    frames = select_split(args, args.split)
     dataset = VesselDataset(frames, args.resize_masks)
     model, tokenizer = load_model(args.model, seed=args.seed)
     if args.init:

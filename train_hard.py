@@ -31,9 +31,9 @@ from PIL import Image
 
 from common import cli
 from common.data import DataError, EvalSampler, VesselDataset, build_splits, frame_mask, image_size
-from common.engine import (RunLogger, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
-                           init_distributed, is_main, load_resume_point, log_train_window, make_run_dir, rng_state,
-                           save_resume_point, seed_everything, set_rng_state, versions, write_json)
+from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
+                           load_resume_point, log_train_window, rng_state, save_resume_point, set_rng_state,
+                           start_run, versions, write_json)
 from common.evaluation import METRICS, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
@@ -230,12 +230,7 @@ def main(args):
         raise SystemExit(f"--easy_ratio must lie in [0, 1] and --iterations be >= 1 "
                          f"(got {args.easy_ratio} and {args.iterations})")
     # ---- setup
-    deepspeed_on = cli.use_deepspeed(args)
-    rank, world_size, device = init_distributed(deepspeed_on)
-    seed_everything(args.seed + rank)
-    run_dir = make_run_dir(args.output, STAGE, args.resume)
-    logger = RunLogger(run_dir, enabled=is_main())
-    logger.line(f"run folder: {run_dir}")
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)

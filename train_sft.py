@@ -20,9 +20,9 @@ import torch
 
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
-from common.engine import (RunLogger, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
-                           init_distributed, is_main, load_resume_point, log_train_window, make_run_dir, rng_state,
-                           save_resume_point, seed_everything, set_rng_state, versions, write_json)
+from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
+                           load_resume_point, log_train_window, rng_state, save_resume_point, set_rng_state,
+                           start_run, versions, write_json)
 from common.evaluation import validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
@@ -49,12 +49,7 @@ def parse_args(argv=None):
 
 def main(args):
     # ---- setup
-    deepspeed_on = cli.use_deepspeed(args)
-    rank, world_size, device = init_distributed(deepspeed_on)
-    seed_everything(args.seed + rank)
-    run_dir = make_run_dir(args.output, STAGE, args.resume)
-    logger = RunLogger(run_dir, enabled=is_main())
-    logger.line(f"run folder: {run_dir}")
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)

@@ -432,6 +432,19 @@ def cap_frames(frames, limit):
     return frames if not limit or limit <= 0 else frames[:limit]
 
 
+def select_split(args, split):
+    """The frames of one split (`all` = every frame) from the shared data flags, capped as the
+    training scripts cap them, so a list mined or scored here names the frames they train on."""
+    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
+                         allow_empty_annotations=args.allow_empty_annotations)
+    if split == "all":
+        return frames
+    splits = load_splits(args.data, frames, args.val_fraction, args.seed)
+    if split not in splits:
+        raise DataError(f"{args.data}: no split {split!r}; it has {sorted(splits)} (or use all)")
+    return cap_frames(splits[split], args.max_train_samples if split == "train" else args.max_val_samples)
+
+
 class VesselDataset(torch.utils.data.Dataset):
     """Samples: dict(image=PIL RGB, mask=bool (H, W), key, video, frame, index), + prompt (see text_prompt).
 

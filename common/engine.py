@@ -293,6 +293,19 @@ def load_resume_point(engine, run_dir):
     return client_state
 
 
+def start_run(args, stage):
+    """The setup every training script begins with: processes, seeds, run folder, logger.
+    Returns (use_deepspeed, rank, world_size, device, run_dir, logger)."""
+    from common.cli import use_deepspeed
+    deepspeed_on = use_deepspeed(args)
+    rank, world_size, device = init_distributed(deepspeed_on)
+    seed_everything(args.seed + rank)
+    run_dir = make_run_dir(args.output, stage, args.resume)
+    logger = RunLogger(run_dir, enabled=is_main())
+    logger.line(f"run folder: {run_dir}")
+    return deepspeed_on, rank, world_size, device, run_dir, logger
+
+
 class RunLogger:
     """One line per interval to stdout and `train.log`, one JSON record per line to
     `metrics.jsonl`, TensorBoard scalars when tensorboard is installed. Silent off rank 0."""

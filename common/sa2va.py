@@ -112,6 +112,9 @@ def released_classes(path):
         auto_map = json.load(f).get("auto_map") or {}
     if "AutoConfig" not in auto_map or "AutoModel" not in auto_map:
         raise CheckpointError(f"{path}/config.json has no auto_map for AutoConfig/AutoModel: not a released Sa2VA folder")
+    if auto_map["AutoModel"].rsplit(".", 1)[-1] != "Sa2VAChatModel":
+        raise CheckpointError(f"{path}: {auto_map['AutoModel']} is not the InternVL-family Sa2VAChatModel; the Qwen-VL "
+                              f"family (Sa2VAChatModelQwen) is not supported yet (README, 'Supported checkpoints')")
     config_cls = get_class_from_dynamic_module(auto_map["AutoConfig"], path)
     # Shim 1, transformers >= 4.50: the released config cannot be built without arguments (KeyError
     # 'architectures'); the flag that used to be `is_composition` tells transformers not to try.

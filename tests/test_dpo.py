@@ -30,8 +30,8 @@ from make_dpo_pairs import sample_masks
 # (logp_w - ref_w) - (logp_l - ref_l) moves by ~1e-2 when the masks change a lot; beta 0.1 keeps
 # beta * h ~ 1e-3, the sigmoid never saturates, the reference never binds, and the heads drift
 # (README, "DPO"). beta 100 lets the reference term act at h ~ 0.01-0.05. lr: CPU-sized for the
-# tiny model (the mission's 5e-6 is for the real one). Grad accumulation 4 as in the mission.
-QUICK_DPO = ["--beta", "100", "--lr", "3e-4", "--epochs", "2", "--batch_size", "4", "--num_workers", "0",
+# tiny model (the mission's 5e-6 is for the real one). 1 epoch, grad accumulation 4: the mission's.
+QUICK_DPO = ["--beta", "100", "--lr", "3e-4", "--epochs", "1", "--batch_size", "4", "--num_workers", "0",
              "--log_every", "1", "--patience", "0", "--val_pair_fraction", "0.25"]
 DICE_NOISE = 0.02  # val Dice of 24 frames moves this much between neighbouring checkpoints of a flat run
 
@@ -246,22 +246,26 @@ def test_from_predictions_mode(synth_data, tmp_path):
     assert all(p["chosen_mask_path"].startswith(str(tmp_path / "thin")) for p in pairs)  # referenced, not copied
 
 
-def test_gt_mode(synth_data, tiny_folder, sft_best, tmp_path):
-    pairs, summary = make_pairs(synth_data, tiny_folder, sft_best, tmp_path / "gt", "gt", "--max_train_samples", "16")
+@pytest.fixture(scope="session")
+def gt_pairs(synth_data, tiny_folder, sft_best, tmp_path_factory):
+    """GT-vs-prediction pairs of every video (the data's val videos included: train_dpo must hold
+    them out): the methodology's stage-2 pairs, and the data of the DPO run below."""
+    out = tmp_path_factory.mktemp("dpo")
+    return make_pairs(synth_data, tiny_folder, sft_best, out / "pairs", "gt", "--split", "all"), out
+
+
+def test_gt_mode(gt_pairs):
+    (pairs, summary), _ = gt_pairs
     assert all(p["chosen_iou"] == 1.0 and p["chosen_mask"].startswith("../") for p in pairs)
-    assert summary["pairs"] + summary["skipped"].get("dice above --max_dice", 0) + \
-        summary["skipped"].get("iou gap below --min_iou_gap", 0) == 16
+    skipped = summary["skipped"].get("dice above --max_dice", 0) + summary["skipped"].get("iou gap below --min_iou_gap", 0)
+    assert summary["pairs"] + skipped == summary["images"] == 120
+    assert all(1.0 - p["rejected_iou"] >= 0.05 for p in pairs)
     assert os.path.basename(pairs[0]["rejected_mask"]) == f"{pairs[0]['stem']}__pred.png"
 
 
 @pytest.fixture(scope="session")
-def dpo_run(synth_data, tiny_folder, sft_best, tmp_path_factory):
-    """GT-vs-prediction pairs of every video (the data's val videos included: train_dpo must hold
-    them out), then DPO from the SFT checkpoint."""
-    out = tmp_path_factory.mktemp("dpo")
-    args = make_dpo_pairs.parse_args(["--mode", "gt", "--split", "all", "--data", synth_data, "--model", tiny_folder,
-                                      "--init", sft_best, "--output", str(out / "pairs"), "--num_workers", "0"])
-    make_dpo_pairs.main(args)
+def dpo_run(gt_pairs, synth_data, tiny_folder, sft_best):
+    _, out = gt_pairs
     args = train_dpo.parse_args(["--data", synth_data, "--model", tiny_folder, "--init", sft_best, "--pairs",
                                  str(out / "pairs"), "--output", str(out / "runs")] + QUICK_DPO)
     return train_dpo.main(args), str(out / "pairs")
@@ -329,9 +333,8 @@ def test_dpo_on_the_deepspeed_engine_reference_free(dpo_run, synth_data, tiny_fo
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29633")
     cmd = [sys.executable, os.path.join(ROOT, "train_dpo.py"), "--engine", "deepspeed", "--zero_stage", "2",
            "--model", tiny_folder, "--data", synth_data, "--init", sft_best, "--pairs", pairs_dir, "--output",
-           str(tmp_path), "--max_train_samples", "8", "--max_val_samples", "4", "--grad_accum", "2",
-           "--reference_free", "--label_smoothing", "0.1"] + QUICK_DPO[:2] + ["--lr", "3e-4", "--epochs", "1",
-                                                                           "--num_workers", "0"]
+           str(tmp_path)] + QUICK_DPO + ["--max_train_samples", "8", "--max_val_samples", "4", "--grad_accum", "2",
+                                         "--reference_free", "--label_smoothing", "0.1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = os.path.join(str(tmp_path), os.listdir(str(tmp_path))[0])

@@ -123,3 +123,17 @@ def test_merge_refuses_bad_input(tiny_folder, stage_ckpt, merged, tmp_path):
     with pytest.raises(SystemExit, match="exists"):
         merge_lora.main(merge_lora.parse_args(["--base_model", tiny_folder, "--lora_weights", stage_ckpt,
                                                "--output_model", merged[0]]))
+
+
+def test_unsupported_family_refused(tiny_folder, tmp_path):
+    """A Qwen-VL-based Sa2VA folder (Sa2VAChatModelQwen) is refused by name, before any remote code runs."""
+    import json
+    import shutil
+    folder = tmp_path / "Sa2VA-Qwen2_5-VL"
+    shutil.copytree(tiny_folder, folder)
+    config = dict(model_type="sa2va_chat", architectures=["Sa2VAChatModelQwen"],
+                  auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+                            "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="Qwen-VL family .* not supported"):
+        load_model(str(folder))
