@@ -197,6 +197,9 @@ def main(args):
                                    f"pixels, max |logit diff| {diff:.3g}); nothing written to {out}")
         info["wall_s"] = time.time() - t0
         write_json(os.path.join(tmp, "merge_info.json"), info)
+        for f in os.listdir(tmp):  # safetensors writes 0600 files; publish them like the base's
+            if os.path.isfile(os.path.join(tmp, f)):
+                os.chmod(os.path.join(tmp, f), 0o666 & ~current_umask())
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)

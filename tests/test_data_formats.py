@@ -152,13 +152,13 @@ def test_cli_flag_reaches_the_scan(tmp_path):
     root = make_folder(tmp_path, [{"image": "a_1.png", "mask": [SQUARE]}, {"image": "b_1.png", "mask": []}])
     args = evaluate.parse_args(["--data", root, "--data_format", "annotations", "--split", "all"])
     with pytest.raises(DataError, match="no polygon"):
-        evaluate.select_frames(args)
+        evaluate.select_split(args, args.split)
     args = evaluate.parse_args(["--data", root, "--split", "all", "--allow_empty_annotations"])
     with pytest.warns(UserWarning, match="all-background"):
-        assert len(evaluate.select_frames(args)) == 2
+        assert len(evaluate.select_split(args, args.split)) == 2
     args = evaluate.parse_args(["--data", root, "--data_format", "masks"])
     with pytest.raises(DataError, match="masks: folder not found"):
-        evaluate.select_frames(args)
+        evaluate.select_split(args, args.split)
 
 
 # ----------------------------------------------------------------------------- video names and splits

@@ -229,6 +229,8 @@ def main(args):
             torch.set_default_dtype(default)
         save_weights(model.to(getattr(torch, dtype)).state_dict(), tmp)
         save_tokenizer(tokenizer, tmp)
+        for f in glob.glob(os.path.join(tmp, "*")):  # safetensors writes 0600 files
+            os.chmod(f, 0o666 & ~umask)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
