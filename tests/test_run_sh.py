@@ -1,0 +1,56 @@
+"""`bash run.sh quick` end to end (sizes capped by its own environment variables so CI stays
+within minutes): every stage's checkpoint exists and loads, the stage table is printed, and
+its numbers are the ones evaluate.py wrote to summary.json (not typed in anywhere)."""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from common.lora import load_stage
+from common.sa2va import load_model
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("quick") / "out")
+    env = dict(os.environ, OUT=out, MAX_TRAIN="40", MAX_VAL="12", PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_every_stage_checkpoint_exists_and_loads(quick_run):
+    out, _ = quick_run
+    for stage in ("sft", "dpo", "hard", "ppo"):
+        runs = sorted(os.listdir(os.path.join(out, stage)))
+        best = os.path.join(out, stage, runs[-1], "best")
+        model, _ = load_model("tiny")
+        meta = load_stage(model, best)
+        assert meta["stage"] == stage
+    assert os.path.isfile(os.path.join(out, "mine", "hard_samples.json"))
+    assert os.path.isfile(os.path.join(out, "pairs", "dpo_annotations.json"))
+    assert os.path.isfile(os.path.join(out, "merged", "config.json"))
+    assert os.path.isfile(os.path.join(out, "eval", "panel.png"))
+
+
+def test_stage_table_comes_from_the_evaluation_files(quick_run):
+    out, stdout = quick_run
+    with open(os.path.join(out, "eval", "summary.json")) as f:
+        summary = json.load(f)["checkpoints"]
+    rows = [line for line in stdout.splitlines() if re.match(r"^\| (base|sft|dpo|hard|ppo) \|", line)]
+    assert [r.split("|")[1].strip() for r in rows[-5:]] == ["base", "sft", "dpo", "hard", "ppo"]
+    for row in rows[-5:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        s = summary[cells[0]]
+        assert float(cells[2]) == pytest.approx(s["mean_dice"], abs=5e-5)
+        assert float(cells[3]) == pytest.approx(s["mean_recall"], abs=5e-5)
+        assert float(cells[4]) == pytest.approx(s["mean_precision"], abs=5e-5)
+    # the per-sample file agrees with the summary
+    import csv
+    with open(os.path.join(out, "eval", "metrics.csv")) as f:
+        sft = [float(r["dice"]) for r in csv.DictReader(f) if r["checkpoint"] == "sft"]
+    assert sum(sft) / len(sft) == pytest.approx(summary["sft"]["mean_dice"], abs=1e-6)
