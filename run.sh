@@ -39,7 +39,7 @@ fi
 if [ "$MODEL" = tiny ]; then
   # a 0.3M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run")
   SFT_ARGS="--epochs 8 --lr 3e-3 --lora_preset small"
-  DPO_ARGS="--epochs 2 --lr 1e-3 --grad_accum 1"
+  DPO_ARGS="--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1"  # beta: README, "DPO"
   HARD_ARGS="--epochs 5 --lr 1e-3"
   # the tiny model is far below 0.75 on almost every frame: take the washed-out ones as hard
   MINE_ARGS="--threshold_hard 0.3"
