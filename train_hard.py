@@ -88,10 +88,15 @@ def view_key(key, view):
 
 class HardItems(torch.utils.data.Dataset):
     """(frame index, view) items. An item whose frozen features are all cached (`cached`, the
-    keys known when the epoch's DataLoader is made) skips the image: only its mask is read."""
+    keys known when the epoch's DataLoader is made) skips the image: only its mask is read,
+    once: `masks` (a dict kept across epochs) holds it when the loader runs in this process."""
 
-    def __init__(self, frames, items, resize_masks=False, cached=frozenset()):
+    def __init__(self, frames, items, resize_masks=False, cached=frozenset(), masks=None):
         self.frames, self.items, self.cached = VesselDataset(frames, resize_masks), items, cached
+        self.masks = {} if masks is None else masks
+
+    def all_cached(self):
+        return all(view_key(self.frames.frames[i].key, v) in self.cached for i, v in self.items)
 
     def __len__(self):
         return len(self.items)
@@ -108,10 +113,12 @@ class HardItems(torch.utils.data.Dataset):
         key = view_key(f.key, view)
         if key not in self.cached:
             return self.full(self.items[i])
-        mask, size = frame_mask(f), image_size(f.image_path)  # the header only
-        if mask.shape != tuple(size):  # only with --resize_masks: as VesselDataset does
-            mask = np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
-        return dict(image=None, mask=dihedral(mask, view), key=key, item=self.items[i])
+        if key not in self.masks:
+            mask, size = frame_mask(f), image_size(f.image_path)  # the header only
+            if mask.shape != tuple(size):  # only with --resize_masks: as VesselDataset does
+                mask = np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
+            self.masks[key] = dihedral(mask, view)
+        return dict(image=None, mask=self.masks[key], key=key, item=self.items[i])
 
 
 class HardCollate:
@@ -160,7 +167,7 @@ def train_mode(model):
 
 
 @torch.no_grad()
-def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args, device, autocast):
+def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args, device, autocast, masks):
     """(HardItems of the epoch, samples precomputed, samples left uncached). With `fill`, a no-grad
     pass first caches the frozen features of the items not cached yet: every training batch is then
     served whole from the cache (a batch with one missing sample recomputes all of its samples)."""
@@ -172,7 +179,7 @@ def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args,
                                                  **loader_kw):
             with autocast():
                 forward_batch(model, move_batch(batch, device), cache)
-    dataset = HardItems(frames, items, args.resize_masks, cached_keys(cache, model))
+    dataset = HardItems(frames, items, args.resize_masks, cached_keys(cache, model), masks)
     return dataset, len(new), sum(view_key(frames[i].key, v) not in dataset.cached for i, v in set(items))
 
 
@@ -283,6 +290,7 @@ def main(args):
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
     cache = FeatureCache(device, args.feature_cache_gb)
+    cached_masks = {}  # view key -> mask of the cached items (host memory: one byte per pixel)
     logger.line(f"data: {len(train_frames)} train / {len(val_frames)} val frames; {planned} hard + {n_easy} easy "
                 f"replayed per epoch; effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} "
                 f"procs; ~{total_steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} (its [SEG] states "
@@ -333,13 +341,15 @@ def main(args):
             train_mode(model)
             t_epoch = time.time()
             dataset, precomputed, missing = epoch_dataset(model, train_frames, items, cache, fill_cache, processor,
-                                                          loader_kw, args, device, engine.autocast)
+                                                          loader_kw, args, device, engine.autocast, cached_masks)
             if missing and fill_cache:  # later epochs skip the pre-pass: its results would not be kept
                 fill_cache = False
                 logger.line(f"cache full ({cache.bytes / 2 ** 30:.2f} GiB): {missing} samples are recomputed at every "
                             f"step; raise --feature_cache_gb")
+            # a fully cached epoch reads no image: its masks come from memory after the first such
+            # epoch, and worker processes (started anew every epoch) would cost more than they save
             loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
-                                                 **loader_kw)
+                                                 **(dict(num_workers=0) if dataset.all_cached() else loader_kw))
             window, t_window, seen = [], time.time(), 0
             hits_before = cache.hits["fpn"]
             for batch in loader:

@@ -94,8 +94,10 @@ def use_deepspeed(args):
 
 def setup_model(args, log=print):
     """Base model + optional --init stage + optional new LoRA + the trainable parts."""
-    dtype = torch.float32  # DeepSpeed casts to bf16 itself; plain torch keeps fp32 masters + autocast
-    model, tokenizer = load_model(args.model, dtype=dtype, seed=args.seed)
+    # bf16 runs load bf16 weights: a 26B model in fp32 would need ~100 GB of host memory per
+    # process. What trains is cast back to fp32 below (plain torch keeps fp32 masters and
+    # autocasts; DeepSpeed bf16 keeps its own fp32 masters)
+    model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, seed=args.seed)
     if getattr(args, "init", None):
         meta = load_stage(model, args.init, trainable_lora="lora" in args.trainable.split(","))
         log(f"init: {args.init} (stage {meta.get('stage')}, parts {meta.get('trained_parts')})")
@@ -107,6 +109,9 @@ def setup_model(args, log=print):
         log(f"LoRA: rank {rank}, alpha {alpha}, {'attention + MLP' if args.lora_mlp else 'attention'}")
     parts = [s for s in args.trainable.split(",") if s]
     set_trainable(model, parts)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     if args.grad_ckpt:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # InternLM2's remote code ignores those kwargs and checkpoints with the reentrant variant,

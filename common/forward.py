@@ -208,6 +208,8 @@ def forward_batch(model, batch, cache=None, with_text_logits=False):
 def full_size_logits(model, low_res, image_sizes):
     """List of (H, W) float32 logits at each sample's original size."""
     sam_size = model.grounding_encoder.sam2_model.image_size
+    if len({tuple(s) for s in image_sizes}) == 1:  # one resize for the batch (the usual case: equal frames)
+        return list(upsample_logits(low_res, image_sizes[0], sam_size))
     return [upsample_logits(low_res[i:i + 1], size, sam_size)[0] for i, size in enumerate(image_sizes)]
 
 

@@ -9,34 +9,38 @@ import torch.nn.functional as F
 
 
 def dice_loss(logits, target, smooth=1.0):
-    """Soft Dice loss of one mask: 1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s), p = sigmoid(logits).
+    """Soft Dice loss per mask: 1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s), p = sigmoid(logits).
 
-    logits, target: (H, W) (or any equal shapes). Returns a scalar. An empty target with an
+    logits, target: (..., H, W). Returns (...): a scalar for one mask. An empty target with an
     empty prediction gives 0 (the smoothing term `s` = 1, as in LISA)."""
-    p = logits.float().sigmoid().flatten()
-    t = target.float().flatten()
-    return 1.0 - (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+    p = logits.float().sigmoid().flatten(-2)
+    t = target.float().flatten(-2)
+    return 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
 
 
 def sigmoid_bce(logits, target):
-    """Mean per-pixel binary cross-entropy: -mean[t log p + (1 - t) log(1 - p)], p = sigmoid(logits)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    """Mean per-pixel binary cross-entropy per mask: -mean[t log p + (1 - t) log(1 - p)],
+    p = sigmoid(logits). logits, target: (..., H, W) -> (...)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").flatten(-2).mean(-1)
 
 
 def mask_log_likelihood(logits, target):
     """Mean per-pixel log-likelihood of a binary mask under the model (MISSION.md, DPO):
     log p(y|x) = mean_i [y_i log p_i + (1 - y_i) log(1 - p_i)].  Computed in float32 (bf16
     log-sigmoid of large logits overflows to inf). logits, target: (..., H, W) -> (...)."""
-    logits, target = logits.float(), target.float()
-    return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(-2).mean(-1)
+    return -sigmoid_bce(logits, target)
 
 
 def segmentation_loss(logits_list, masks, dice_weight=1.0, bce_weight=1.0):
     """Weighted Dice + BCE over a batch of masks of possibly different sizes.
 
     logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice, bce), each the batch mean."""
-    dice = torch.stack([dice_loss(l, m) for l, m in zip(logits_list, masks)]).mean()
-    bce = torch.stack([sigmoid_bce(l, m) for l, m in zip(logits_list, masks)]).mean()
+    if len({tuple(m.shape) for m in masks}) == 1:  # equal sizes: one batched call, the same terms
+        logits, target = torch.stack(list(logits_list)), torch.stack(list(masks))
+        dice, bce = dice_loss(logits, target).mean(), sigmoid_bce(logits, target).mean()
+    else:
+        dice = torch.stack([dice_loss(l, m) for l, m in zip(logits_list, masks)]).mean()
+        bce = torch.stack([sigmoid_bce(l, m) for l, m in zip(logits_list, masks)]).mean()
     return dict(loss=dice_weight * dice + bce_weight * bce, dice=dice.detach(), bce=bce.detach())
 
 

@@ -195,7 +195,12 @@ def parity(model, tokenizer, image, prompt, device, dtype):
             released_mask_pixels=int(rel["masks"][0].sum()),
             masks_equal=bool((ours_mask == rel["masks"][0]).all()),
             mask_pixels_differing=int((ours_mask != rel["masks"][0]).sum()),
-            mask_pixels_differing_same_sam_pixels=int((to_mask(same_pixels["logits"]) != rel["masks"][0]).sum()))
+            mask_pixels_differing_same_sam_pixels=int((to_mask(same_pixels["logits"]) != rel["masks"][0]).sum()),
+            # the released code resizes and thresholds in bf16 on a GPU: a pixel it labels otherwise
+            # should lie within bf16 rounding of the threshold (|logit| small), not anywhere
+            differing_pixels_max_abs_logit=float(mine["logits"][torch.from_numpy(ours_mask != rel["masks"][0])]
+                                                 .abs().max()) if (ours_mask != rel["masks"][0]).any() else 0.0,
+            logits_abs_median=float(mine["logits"].abs().median()))
     return report, rel, mine
 
 
