@@ -13,6 +13,7 @@ epoch (cold: features computed once, then the heads) is reported too. Prints a t
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -68,7 +69,8 @@ def main(args):
     if args.epochs < 2:
         raise SystemExit("--epochs must be >= 2: the first epoch fills the cache")
     work = tempfile.mkdtemp(prefix="bench_hard_")
-    data = args.data or str(write_dataset(os.path.join(work, "synth"), num_videos=10, frames_per_video=8, size=96))
+    data = args.data or str(write_dataset(os.path.join(work, "synth"), frames_per_video=8, size=96,
+                                                num_videos=max(10, math.ceil(args.samples / 8 / 0.75))))
     train, _ = build_splits(data)
     keys = [f.key for f in train[:args.samples]]
     hard_list = os.path.join(work, "hard_samples.json")
