@@ -62,15 +62,14 @@ single)
   ;;
 multi)
   build 4b
+  sft 4b_x1_zero2 1 --model "$WORK/m_4b" --batch_size 16 --zero_stage 2
+  sft "4b_x${NUM_GPUS}_zero2" "$NUM_GPUS" --model "$WORK/m_4b" --batch_size 16 --zero_stage 2
   step hard_cache_4b 300 python tests/perf/bench_hard_cache.py --model "$WORK/m_4b" --bf16 --samples 128 \
     --batch_size 16 --epochs 2 --feature_cache_gb 40 --num_workers 4 --output "$RESULTS/hard_cache_4b.json"
+  sft "4b_x${NUM_GPUS}_zero3" "$NUM_GPUS" --model "$WORK/m_4b" --batch_size 16 --zero_stage 3
+  sft 4b_x1_zero3 1 --model "$WORK/m_4b" --batch_size 16 --zero_stage 3
   step infer_4b 240 python tests/perf/bench_infer.py --model "$WORK/m_4b" --bf16 --frames 64 --batch_size 16 \
     --output "$RESULTS/infer.jsonl"
-  for zero in 2 3; do
-    for gpus in 1 $NUM_GPUS; do
-      sft "4b_x${gpus}_zero$zero" "$gpus" --model "$WORK/m_4b" --batch_size 16 --zero_stage "$zero"
-    done
-  done
   ;;
 big)
   build tiny
