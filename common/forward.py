@@ -47,7 +47,22 @@ def image_embeddings(model, pixel_values):
         return model.extract_feature(pixel_values.to(model_dtype(model.vision_model)))
 
 
-def llm_forward(model, batch, with_text_logits=False):
+def cached_image_embeddings(model, batch, cache=None):
+    """image_embeddings of the batch, served from / stored in `cache` when the vision encoder
+    and mlp1 are frozen (their output is then a constant of the sample)."""
+    frozen = not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
+    keys = batch["keys"]
+    if cache is None or not frozen:
+        return image_embeddings(model, batch["pixel_values"])
+    vit = cache.get("vit", keys, batch["input_ids"].device)
+    if vit is None:
+        vit = image_embeddings(model, batch["pixel_values"])
+        tiles = ((batch["input_ids"] == model.img_context_token_id).sum(1) // vit.shape[1]).tolist()
+        cache.put("vit", keys, list(vit.split(tiles)))
+    return vit
+
+
+def llm_forward(model, batch, with_text_logits=False, cache=None):
     """Teacher-forced LLM forward. Returns (seg_hidden (B, h), answer logits or None).
 
     `seg_hidden` is the last layer's (post-norm) hidden state at each sample's [SEG] input
@@ -56,7 +71,7 @@ def llm_forward(model, batch, with_text_logits=False):
     input_ids = batch["input_ids"]
     embed = model.get_input_embeddings()
     input_embeds = embed(input_ids)
-    vit = image_embeddings(model, batch["pixel_values"]).to(input_embeds.dtype)
+    vit = cached_image_embeddings(model, batch, cache).to(input_embeds.dtype)
     selected = (input_ids == model.img_context_token_id)[..., None]
     if selected.sum() != vit.shape[0] * vit.shape[1]:
         raise ValueError(f"{int(selected.sum())} <IMG_CONTEXT> tokens but {vit.shape[0] * vit.shape[1]} image "
@@ -130,46 +145,53 @@ def upsample_logits(low_res, size, sam_image_size):
 class FeatureCache:
     """Per-sample constants of the forward path, keyed by the sample's key.
 
-    Always the SAM2 FPN maps (the image encoder never trains); the [SEG] hidden state too
-    when `llm_is_frozen(model)`. Entries live on `device` (the GPU when it fits, else
-    "cpu"); keys must identify sample + prompt + answer + augmentation view."""
+    Always the SAM2 FPN maps (the image encoder never trains). When `llm_is_frozen(model)`,
+    the [SEG] hidden state; otherwise, when the vision encoder and mlp1 are frozen (stage 1
+    trains LoRA only), their image embeddings (~1 MB per 448 px tile at 2048 hidden, bf16).
+    Entries live on `device` (the GPU when it fits, else "cpu"); keys must identify sample +
+    prompt + answer + augmentation view."""
+
+    TABLES = ("seg_hidden", "fpn", "vit")
 
     def __init__(self, device="cpu", limit_gb=2.0):
         self.device = torch.device(device)
         self.limit_bytes = limit_gb * 2 ** 30
         self.bytes = 0
-        self.seg_hidden = {}
-        self.fpn = {}
+        self.seg_hidden, self.fpn, self.vit = {}, {}, {}
         # samples served from / missing in each table: proof that later epochs skip the frozen work
-        self.hits = {"seg_hidden": 0, "fpn": 0}
-        self.misses = {"seg_hidden": 0, "fpn": 0}
+        self.hits = dict.fromkeys(self.TABLES, 0)
+        self.misses = dict.fromkeys(self.TABLES, 0)
 
     def __len__(self):
         return len(self.fpn)
 
     def summary(self):
         """One line for the log: entries, memory, hits/lookups per table."""
-        counts = ", ".join(f"{name} {self.hits[name]}/{self.hits[name] + self.misses[name]}" for name in self.hits)
-        return (f"{len(self.fpn)} entries ({len(self.seg_hidden)} with [SEG] states), "
-                f"{self.bytes / 2 ** 20:.1f} MB; hits/lookups: {counts}")
+        counts = ", ".join(f"{name} {self.hits[name]}/{self.hits[name] + self.misses[name]}" for name in self.TABLES
+                           if self.hits[name] + self.misses[name])
+        return (f"{len(self.fpn)} entries ({len(self.seg_hidden)} with [SEG] states, {len(self.vit)} with image "
+                f"embeddings), {self.bytes / 2 ** 20:.1f} MB; hits/lookups: {counts}")
 
-    def get(self, table, keys, device):
-        name = "seg_hidden" if table is self.seg_hidden else "fpn"
+    def get(self, name, keys, device):
+        """The batch of `keys` from table `name`, or None if any is missing: [SEG] states stacked
+        (B, h), FPN levels each stacked (B, C, h, w), image embeddings concatenated over the
+        samples' tiles (tiles, tokens, hidden)."""
+        table = getattr(self, name)
         if any(k not in table for k in keys):
             self.misses[name] += len(keys)
             return None
         self.hits[name] += len(keys)
-        value = [table[k] for k in keys]
-        if isinstance(value[0], list):
-            return [torch.stack([v[level] for v in value]).to(device, non_blocking=True) for level in range(len(value[0]))]
-        return torch.stack(value).to(device, non_blocking=True)
+        rows = [table[k] for k in keys]
+        if name == "fpn":
+            return [torch.stack([r[level] for r in rows]).to(device, non_blocking=True) for level in range(len(rows[0]))]
+        return (torch.cat if name == "vit" else torch.stack)(rows).to(device, non_blocking=True)
 
-    def put(self, table, keys, value):
-        """Store rows of `value` under `keys` until the memory limit is reached; samples
-        beyond it are simply recomputed each time."""
-        for row, k in enumerate(keys):
-            entry = [v[row].detach().to(self.device) for v in value] if isinstance(value, list) else \
-                value[row].detach().to(self.device)
+    def put(self, name, keys, rows):
+        """Store one entry per key (a tensor, or a list of tensors) until the memory limit is
+        reached; samples beyond it are simply recomputed each time."""
+        table = getattr(self, name)
+        for k, row in zip(keys, rows):
+            entry = [t.detach().to(self.device) for t in row] if isinstance(row, list) else row.detach().to(self.device)
             size = sum(t.numel() * t.element_size() for t in (entry if isinstance(entry, list) else [entry]))
             if k in table or self.bytes + size > self.limit_bytes:
                 continue
@@ -189,17 +211,18 @@ def forward_batch(model, batch, cache=None, with_text_logits=False):
     seg_hidden = text = None
     frozen_llm = llm_is_frozen(model)
     if use_cache and frozen_llm and not with_text_logits:
-        seg_hidden = cache.get(cache.seg_hidden, keys, device)
+        seg_hidden = cache.get("seg_hidden", keys, device)
     if seg_hidden is None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_llm):
-            seg_hidden, text = llm_forward(model, batch, with_text_logits)
+            seg_hidden, text = llm_forward(model, batch, with_text_logits,
+                                           cache if use_cache and not frozen_llm else None)
         if use_cache and frozen_llm:
-            cache.put(cache.seg_hidden, keys, seg_hidden)
-    fpn = cache.get(cache.fpn, keys, device) if use_cache else None
+            cache.put("seg_hidden", keys, seg_hidden)
+    fpn = cache.get("fpn", keys, device) if use_cache else None
     if fpn is None:
         fpn = sam_image_features(model, batch["g_pixel_values"])
         if use_cache:
-            cache.put(cache.fpn, keys, fpn)
+            cache.put("fpn", keys, [[level[i] for level in fpn] for i in range(len(keys))])
     seg_embeds = model.text_hidden_fcs(seg_hidden.to(model_dtype(model.text_hidden_fcs)))
     low_res = decode_masks(model, seg_embeds, fpn)
     return dict(low_res_logits=low_res, seg_embeds=seg_embeds, text=text, image_features=fpn[-1])

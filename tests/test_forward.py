@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.data import VesselDataset, build_splits
-from common.forward import decode_masks, forward_batch, full_size_logits, llm_forward, sam_image_features
+from common.forward import FeatureCache, decode_masks, forward_batch, full_size_logits, llm_forward, sam_image_features
 from common.lora import apply_lora, set_trainable
 from common.losses import segmentation_loss
 from common.sa2va import DEFAULT_PROMPT, Sa2VAProcessor, describe, load_model
@@ -86,6 +86,41 @@ def test_gradients_reach_lora_heads_and_decoder(synth_data):
     frozen = [p for n, p in model.named_parameters() if n.startswith(("vision_model.", "mlp1.",
                                                                        "grounding_encoder.sam2_model.image_encoder."))]
     assert all(p.grad is None for p in frozen)
+
+
+def test_sft_cache_serves_frozen_encoders_with_equal_loss_and_gradients(synth_data):
+    """Stage 1 trains LoRA: the [SEG] state changes, but the vision embeddings and SAM2 features
+    are constants of the sample. Served from the cache, the loss and every gradient are unchanged
+    (float32, CPU: 1e-6) and neither frozen encoder runs."""
+    model, tokenizer = load_model("tiny")
+    apply_lora(model, 8, 16)
+    set_trainable(model, ["lora", "text_hidden_fcs", "mask_decoder"])
+    model.language_model.eval()  # no LoRA dropout: the two passes must see the same function
+    batch = Sa2VAProcessor(describe(model, tokenizer), tokenizer)(samples(synth_data, 3))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(cache):
+        model.zero_grad(set_to_none=True)
+        out = forward_batch(model, batch, cache)
+        loss = segmentation_loss(full_size_logits(model, out["low_res_logits"], batch["image_sizes"]),
+                                 [m.float() for m in batch["masks"]])["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    reference = step(None)
+    cache = FeatureCache("cpu", 1.0)
+    step(cache)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in
+             (model.vision_model, model.grounding_encoder.sam2_model.image_encoder)]
+    served = step(cache)
+    for h in hooks:
+        h.remove()
+    assert calls == [] and cache.hits == {"seg_hidden": 0, "fpn": 3, "vit": 3} and len(cache.seg_hidden) == 0
+    torch.testing.assert_close(served[0], reference[0], atol=1e-6, rtol=1e-6)
+    assert len(served[1]) == len(reference[1]) > 0
+    for g, g_ref in zip(served[1], reference[1]):
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
 
 
 def test_generate_path_gives_no_gradient(synth_data):

@@ -191,9 +191,9 @@ def test_cached_and_uncached_steps_agree(hard_data, sft_best):
     reference = step(None, batch)
     cache = FeatureCache("cpu", 1.0)
     filling = step(cache, batch)
-    assert cache.hits == {"seg_hidden": 0, "fpn": 0} and len(cache) == 4
+    assert cache.hits == {"seg_hidden": 0, "fpn": 0, "vit": 0} and len(cache) == 4
     served = step(cache, batch)
-    assert cache.hits == {"seg_hidden": 4, "fpn": 4}
+    assert cache.hits == {"seg_hidden": 4, "fpn": 4, "vit": 0}
     # the next epoch's dataset knows these keys are cached: no image is read, the batch has none
     light = train_hard.HardItems(train, dataset.items, cached=train_hard.cached_keys(cache, model))
     light_batch = train_hard.HardCollate(processor, light)([light[i] for i in range(4)])

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import train_sft  # noqa: E402
 from common import cli  # noqa: E402
 from common.engine import all_gather_objects, build_engine, engine_step, init_distributed, is_main  # noqa: E402
-from common.forward import forward_batch, full_size_logits, image_embeddings, move_batch, \
+from common.forward import FeatureCache, forward_batch, full_size_logits, image_embeddings, move_batch, \
     sam_image_features  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
 from common.sa2va import Sa2VAProcessor, describe, unwrap_llm  # noqa: E402
@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the LLM")
     p.add_argument("--bf16", action="store_true", help="bf16 (as train_sft.py --bf16)")
     p.add_argument("--zero_stage", type=int, default=2, help="ZeRO stage under the deepspeed launcher")
+    p.add_argument("--feature_cache_gb", type=float, default=0.0,
+                   help="> 0: time steps as from the second epoch on, the frozen encoders' outputs served by the "
+                        "FeatureCache (as train_sft.py does); their FLOPs are then neither run nor counted")
     p.add_argument("--lora_preset", default="medium", help="LoRA preset (train_sft.py's default)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per GPU (0: from the GPU name)")
     p.add_argument("--output", default="bench_sft.jsonl", help="append one JSON line per run here")
@@ -65,18 +68,19 @@ def parse_args(argv=None):
 def synthetic_batch(processor, n, size, seed):
     rng = np.random.default_rng(seed)
     frames, masks, _ = make_video(rng, n, size)
-    return processor([dict(image=Image.fromarray(f).convert("RGB"), mask=m, key=str(i))
+    return processor([dict(image=Image.fromarray(f).convert("RGB"), mask=m, key=f"{seed}-{i}")
                       for i, (f, m) in enumerate(zip(frames, masks))])
 
 
-def micro_step(model, batch, device):
-    out = forward_batch(model, batch)
+def micro_step(model, batch, device, cache=None):
+    out = forward_batch(model, batch, cache)
     logits = full_size_logits(model, out["low_res_logits"], batch["image_sizes"])
     return segmentation_loss(logits, [m.to(device).float() for m in batch["masks"]])["loss"]
 
 
-def count_flops(model, batch, device):
-    """Counted FLOPs of one forward + backward on `batch`, checkpointing off. Attention is
+def count_flops(model, batch, device, cache=None):
+    """Counted FLOPs of one forward + backward on `batch`, checkpointing off, with what `cache`
+    serves not run and not counted (a warm cache: fill it first). Attention is
     counted in its eager form (the same matmuls): the counter cannot size SDPA's grouped-query
     (enable_gqa) calls."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,7 +93,7 @@ def count_flops(model, batch, device):
         unwrap_llm(llm).set_attn_implementation("eager")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         with FlopCounterMode(display=False) as counter:
-            micro_step(model, batch, device).backward()
+            micro_step(model, batch, device, cache).backward()
     model.zero_grad(set_to_none=True)
     if attn == "sdpa":
         unwrap_llm(llm).set_attn_implementation("sdpa")
@@ -143,7 +147,12 @@ def main(args):
     # FLOPs on one sample before the engine owns the model (a bf16 copy on the GPU, as the engine will hold it)
     one = move_batch(synthetic_batch(processor, 1, args.image_size, seed=99), device)
     model.to(device=device, dtype=torch.bfloat16 if args.bf16 and device.type == "cuda" else None)
-    flops_per_sample = count_flops(model, one, device)
+    cache = FeatureCache(device, args.feature_cache_gb) if args.feature_cache_gb > 0 else None
+    if cache is not None:  # fill: what epoch 1 does
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            forward_batch(model, one, cache)
+            forward_batch(model, batch, cache)
+    flops_per_sample = count_flops(model, one, device, cache)
     tokens = int(batch["attention_mask"][0].sum())
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,7 +167,7 @@ def main(args):
             torch.cuda.synchronize()
         t0 = time.time()
         with engine.autocast():
-            loss = micro_step(model, batch, device)
+            loss = micro_step(model, batch, device, cache)
         engine.backward(loss)
         engine_step(engine)
         if device.type == "cuda":
@@ -178,6 +187,7 @@ def main(args):
     achieved = flops_per_sample * samples_per_s / world_size / 1e12  # per GPU
     row = dict(model=args.model, device=name, world_size=world_size, engine="deepspeed" if deepspeed_on else "torch",
                zero_stage=args.zero_stage if deepspeed_on else None, bf16=args.bf16, grad_ckpt=args.grad_ckpt,
+               feature_cache=cache is not None,
                lora_preset=args.lora_preset, batch_per_gpu=args.batch_size, image_size=args.image_size,
                tokens_per_sample=tokens, llm_params=llm_params, step_s=step_s, samples_per_s=samples_per_s,
                tokens_per_s=samples_per_s * tokens, peak_gib_per_rank=peaks,
@@ -189,7 +199,7 @@ def main(args):
         row["measured_matmul_tflops"] = measured_matmul_tflops(device)
         row["mfu_measured_matmul"] = achieved / row["measured_matmul_tflops"]
     print(f"{os.path.basename(args.model.rstrip('/'))} x{world_size} {row['engine']} zero {row['zero_stage']} "
-          f"ckpt {args.grad_ckpt} batch {args.batch_size}: {step_s * 1000:.0f} ms/step, {samples_per_s:.1f} samples/s, "
+          f"ckpt {args.grad_ckpt} cache {cache is not None} batch {args.batch_size}: {step_s * 1000:.0f} ms/step, {samples_per_s:.1f} samples/s, "
           f"{row['tokens_per_s']:.0f} tokens/s, peak {max(p or 0 for p in peaks):.1f} GiB, "
           f"{flops_per_sample / 1e9:.0f} GFLOP/sample (4N: {row['llm_4n_gflop_per_sample']:.0f}), "
           f"{achieved:.0f} TFLOP/s/GPU, MFU {100 * (row['mfu_datasheet'] or 0):.1f}%; frozen encoders "

@@ -4,7 +4,7 @@
 #
 #   bash tests/perf/run_gpu.sh parity   # released-class tiny model: predict_forward parity, SFT, merge
 #   bash tests/perf/run_gpu.sh single   # 1B/4B shapes on one GPU: SFT step MFU, inference, cached hard epoch
-#   bash tests/perf/run_gpu.sh multi    # 4B shape on 1 and all visible GPUs, ZeRO-2 and ZeRO-3
+#   bash tests/perf/run_gpu.sh multi    # 4B shape on 1 and all visible GPUs (ZeRO-2), cached hard epoch
 #   bash tests/perf/run_gpu.sh big      # 26B shape on one GPU (needs ~80+ GiB: H200)
 #
 # Needs the released Sa2VA InternVL-family HF code in $SA2VA_CODE (not part of this repository)
@@ -66,8 +66,6 @@ multi)
   sft "4b_x${NUM_GPUS}_zero2" "$NUM_GPUS" --model "$WORK/m_4b" --batch_size 16 --zero_stage 2
   step hard_cache_4b 300 python tests/perf/bench_hard_cache.py --model "$WORK/m_4b" --bf16 --samples 128 \
     --batch_size 16 --epochs 2 --feature_cache_gb 40 --num_workers 4 --output "$RESULTS/hard_cache_4b.json"
-  sft "4b_x${NUM_GPUS}_zero3" "$NUM_GPUS" --model "$WORK/m_4b" --batch_size 16 --zero_stage 3
-  sft 4b_x1_zero3 1 --model "$WORK/m_4b" --batch_size 16 --zero_stage 3
   step infer_4b 240 python tests/perf/bench_infer.py --model "$WORK/m_4b" --bf16 --frames 64 --batch_size 16 \
     --output "$RESULTS/infer.jsonl"
   ;;
