@@ -46,7 +46,7 @@ from common.evaluation import validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
-from common.pairs import PairDataset, load_pairs
+from common.pairs import PairDataset, disputed_share, load_pairs
 from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "dpo"
@@ -163,6 +163,11 @@ def main(args):
     logger.line(f"pairs: {len(train_set)} train / {len(held_set)} held-out ({len({e['video'] for e in train_pairs})} / "
                 f"{len({e['video'] for e in held_pairs})} videos); val split {len(val_set)} frames; effective batch "
                 f"{args.batch_size} x {args.grad_accum} accum x {world_size} procs; {total_steps} optimizer steps")
+
+    share = disputed_share(train_pairs)
+    logger.line(f"chosen and rejected differ on {100 * share:.2f}% of the pixels (median): with beta {args.beta:g} the "
+                f"loss saturates once the policy has moved ~{3 / max(args.beta * share, 1e-12):.3g} nats per disputed "
+                f"pixel from the reference (README, DPO: choose beta for ~1)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)

@@ -118,3 +118,16 @@ class PairDataset(torch.utils.data.Dataset):
         return dict(image=read_image(e["image_path"]), chosen_mask=np.asarray(read_mask(e["chosen_mask_path"], warn=False)),
                     rejected_mask=np.asarray(read_mask(e["rejected_mask_path"], warn=False)), key=e["key"],
                     prompt=e["prompt"], index=index)
+
+
+def disputed_share(entries, limit=64):
+    """Median share of pixels where chosen and rejected differ, over the first `limit` pairs.
+
+    Only those pixels separate the two masks' log-likelihoods: in h = (logp_w - ref_w) -
+    (logp_l - ref_l) the agreeing pixels cancel, so with the per-pixel MEAN of MISSION.md, h is
+    the per-disputed-pixel log-ratio times this share. beta scales h: the loss saturates
+    (beta * h ~ 3) once the policy has moved ~3 / (beta * share) nats per disputed pixel."""
+    shares = [float((np.asarray(read_mask(e["chosen_mask_path"], warn=False))
+                     != np.asarray(read_mask(e["rejected_mask_path"], warn=False))).mean()) for e in entries[:limit]]
+    return float(np.median(shares)) if shares else 0.0
+

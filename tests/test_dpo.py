@@ -343,3 +343,19 @@ def test_dpo_on_the_deepspeed_engine_reference_free(dpo_run, synth_data, tiny_fo
     start = load_file(os.path.join(sft_best, "trained_parts.safetensors"))
     assert end.keys() == start.keys()
     assert all(not torch.equal(end[k], start[k]) for k in start if k.startswith("text_hidden_fcs."))
+
+
+def test_disputed_share_is_the_median_differing_share(tmp_path):
+    from common.pairs import disputed_share
+    entries = []
+    for i, differing in enumerate((10, 30, 50)):  # of 100 pixels
+        chosen = np.zeros((10, 10), np.uint8)
+        rejected = chosen.copy()
+        rejected.flat[:differing] = 255
+        paths = {}
+        for name, mask in (("chosen", chosen), ("rejected", rejected)):
+            paths[f"{name}_mask_path"] = str(tmp_path / f"{name}{i}.png")
+            Image.fromarray(mask).save(paths[f"{name}_mask_path"])
+        entries.append(paths)
+    assert disputed_share(entries) == pytest.approx(0.30)
+    assert disputed_share(entries, limit=1) == pytest.approx(0.10)
