@@ -54,3 +54,29 @@ def test_stage_table_comes_from_the_evaluation_files(quick_run):
     with open(os.path.join(out, "eval", "metrics.csv")) as f:
         sft = [float(r["dice"]) for r in csv.DictReader(f) if r["checkpoint"] == "sft"]
     assert sum(sft) / len(sft) == pytest.approx(summary["sft"]["mean_dice"], abs=1e-6)
+
+
+def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_settings(tiny_folder, synth_data, tmp_path):
+    """`MODEL=<folder> DATA=<folder> bash run.sh full`: the full preset's per-stage settings
+    (MISSION.md) reach every script; sizes capped by MAX_TRAIN/MAX_VAL so CI stays in minutes."""
+    out = str(tmp_path / "full")
+    env = dict(os.environ, MODEL=tiny_folder, DATA=synth_data, OUT=out, MAX_TRAIN="8", MAX_VAL="4",
+               PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", "run.sh", "full"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = dict(sft=dict(epochs=3, lr=1e-4, lora_preset="medium"),
+                    dpo=dict(epochs=1, lr=5e-6, grad_accum=4, beta=0.1),
+                    hard=dict(epochs=5, lr=1e-5, grad_accum=2, weight_decay=0.01),
+                    ppo=dict(epochs=1, lr=1e-5))
+    for stage, settings in expected.items():
+        (run,) = os.listdir(os.path.join(out, stage))
+        with open(os.path.join(out, stage, run, "training_info.json")) as f:
+            args = json.load(f)["args"]
+        assert args["model"] == tiny_folder and args["max_train_samples"] == 8
+        assert {k: args[k] for k in settings} == settings, stage
+    with open(os.path.join(out, "mine", "hard_samples.json")) as f:
+        assert json.load(f)["threshold_hard"] == 0.75
+    assert re.search(r"^\| ppo \| ", result.stdout, re.M)
+    merged, _ = load_model(os.path.join(out, "merged"))
+    assert type(merged).__name__ == "TinySa2VAChatModel"
