@@ -174,11 +174,12 @@ def main(args):
         override = DTYPES[args.dtype] if args.dtype != "auto" else None
         if released:
             n_keys, n_skipped = write_released(model, args.base_model, tmp, override, trained_keys)
-        elif isinstance(model, TinySa2VAQwenVLModel):
-            save_tiny_qwenvl(model.to(override or dtype), tmp)
         else:
-            model.to(override or dtype).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if isinstance(model, TinySa2VAQwenVLModel):
+                save_tiny_qwenvl(model.to(override or dtype), tmp)  # weights + processor
+            else:
+                model.to(override or dtype).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             n_keys, n_skipped = len(model.state_dict()), 0
         del model
         info = dict(base_model=args.base_model, base_fingerprint=fingerprint, lora_weights=args.lora_weights,

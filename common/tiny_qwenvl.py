@@ -39,16 +39,16 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", qwenvl.VISION_S
                   qwenvl.IMAGE_PAD, "<|video_pad|>", SEG, "<p>", "</p>"]
 # The Qwen-VL chat format for one user turn with images and text (Qwen2.5-VL's template starts
 # with a default system turn, Qwen3-VL's does not), written for this tiny tokenizer.
-_TURNS = ("{%- for message in messages %}<|im_start|>{{ message['role'] }}\n"
-          "{%- if message['content'] is string %}{{ message['content'] }}{%- else %}"
-          "{%- for content in message['content'] %}"
-          "{%- if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-          "{%- elif content['type'] == 'text' %}{{ content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
-          "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+_TURNS = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+          "{% for content in message['content'] %}"
+          "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+          "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHAT_TEMPLATES = {
     "qwen3_vl": _TURNS,
-    "qwen2_5_vl": ("{%- if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-                   "<|im_end|>\n{%- endif %}" + _TURNS),
+    "qwen2_5_vl": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+                   "<|im_end|>\n{% endif %}" + _TURNS),
 }
 PATCH_SIZE = {"qwen3_vl": 16, "qwen2_5_vl": 14}
 MAX_NEW_TOKENS = 32
