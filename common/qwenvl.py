@@ -170,16 +170,6 @@ def seg_hidden_convention(config, arch):
     return "post_norm"
 
 
-def vl_arch(config):
-    """The Qwen-VL class a Sa2VA config wraps, from its text config's model_type."""
-    model_type = (config.get("text_config") or {}).get("model_type", "") or config.get("vl_model_type", "")
-    if model_type.startswith("qwen3_vl"):
-        return "Qwen3VLForConditionalGeneration"
-    if model_type.startswith("qwen2_5_vl"):
-        return "Qwen2_5_VLForConditionalGeneration"
-    raise ValueError(f"unknown Qwen-VL text model_type {model_type!r}")
-
-
 # ------------------------------------------------------------------ the HF processor, without torchvision
 
 _IMAGE_ONLY = {}

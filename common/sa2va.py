@@ -98,10 +98,9 @@ def load_qwenvl(path, config, dtype):
     if config.get("model_type") == "tiny_sa2va_qwenvl":
         from common.tiny_qwenvl import TinySa2VAQwenVLModel
         model = TinySa2VAQwenVLModel.from_pretrained(path, **dtype_kwarg(dtype))
-        arch = qwenvl.vl_arch(dict(vl_model_type=config["vl_model_type"]))
     else:
         model = load_released(path, dtype)
-        arch = qwenvl.vl_arch(config)
+    arch = type(qwenvl.unwrap(model.model)).__name__
     model.processor = qwenvl.load_processor(path)
     tokenizer = model.processor.tokenizer
     for token in (SEG, qwenvl.IMAGE_PAD, qwenvl.VISION_START, qwenvl.VISION_END):
