@@ -200,7 +200,7 @@ def load_processor(folder):
     import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     try:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         if hasattr(processor, "image_processor"):  # (an unknown processor class gives back the tokenizer)
             return processor
         reason = f"AutoProcessor gave a {type(processor).__name__}"
@@ -222,6 +222,7 @@ def load_processor(folder):
             with open(path) as f:
                 chat_template = f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
             break
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return image_only_processor(getattr(transformers, cls_name), AutoImageProcessor.from_pretrained(folder),
-                                tokenizer, chat_template or tokenizer.chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    return image_only_processor(getattr(transformers, cls_name), image_processor, tokenizer,
+                                chat_template or tokenizer.chat_template)
