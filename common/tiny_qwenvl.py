@@ -86,16 +86,24 @@ def tiny_vl_config(vl_model_type, tokenizer):
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", qwenvl.IMAGE_PAD), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", qwenvl.VISION_START), ("vision_end_token_id", qwenvl.VISION_END))}
+    import transformers
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2]),
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                 tie_word_embeddings=False)
+    # M-RoPE sections must add up to head_dim / 2 = 8 (the defaults are for head_dim 128)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])
+        if vl_model_type == "qwen3_vl":
+            text["rope_parameters"]["mrope_interleaved"] = True
+    else:  # transformers 4.57: rope_theta + rope_scaling
+        text.update(rope_theta=10000.0, rope_scaling=dict(rope_type="default", mrope_section=[4, 2, 2],
+                                                          **({"mrope_interleaved": True}
+                                                             if vl_model_type == "qwen3_vl" else {"type": "mrope"})))
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH_SIZE[vl_model_type],
                   out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2)
     if vl_model_type == "qwen3_vl":
         text.update(head_dim=16)
-        text["rope_parameters"]["mrope_interleaved"] = True
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
         vision.update(window_size=56, fullatt_block_indexes=[0])
