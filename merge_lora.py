@@ -28,9 +28,11 @@ from safetensors.torch import save_file
 
 from common.engine import write_json
 from common.forward import forward_batch, full_size_logits, move_batch
-from common.lora import PARTS, base_fingerprint, has_lora, load_stage, read_stage_meta
-from common.sa2va import TINY, CheckpointError, Sa2VAProcessor, describe, load_model
+from common.lora import base_fingerprint, has_lora, load_stage, parts_of, read_stage_meta
+from common.sa2va import (TINY_MODELS, CheckpointError, Sa2VAProcessor, describe, llm_module, load_model,
+                          set_llm_module)
 from common.tiny import TinySa2VAChatModel
+from common.tiny_qwenvl import TinySa2VAQwenVLModel, save_tiny_qwenvl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
@@ -86,7 +88,7 @@ def load_dtype(args):
     if args.dtype != "auto":
         return DTYPES[args.dtype]
     config_path = os.path.join(args.base_model, "config.json")
-    if args.base_model == TINY or not os.path.isfile(config_path):
+    if args.base_model in TINY_MODELS or not os.path.isfile(config_path):
         return torch.float32
     with open(config_path) as f:
         stored = json.load(f).get("torch_dtype") or "float32"
@@ -151,16 +153,18 @@ def main(args):
         raise SystemExit(f"--output_model {out} exists; pass --overwrite to replace it")
     device, dtype = torch.device(args.device), load_dtype(args)
     model, tokenizer = load_model(args.base_model, dtype=dtype, seed=args.seed)
-    released = not isinstance(model, TinySa2VAChatModel)  # a remote-code class: keep the base's files
+    released = not isinstance(model, (TinySa2VAChatModel, TinySa2VAQwenVLModel))  # remote code: keep the base's files
     fingerprint = base_fingerprint(model)
     load_stage(model, args.lora_weights)  # refuses a checkpoint of another base model
     reference = mask_logits(model, tokenizer, args, meta, device)
     lora = has_lora(model)
     if lora:
-        model.language_model = model.language_model.merge_and_unload()
-    prefixes = tuple(p for part in meta["trained_parts"] if part not in ("lora", "llm") for p in PARTS[part])
-    trained_keys = {k for k in model.state_dict() if k.startswith(prefixes) or (k.startswith("language_model.") and
-                                                                               "llm" in meta["trained_parts"])}
+        set_llm_module(model, llm_module(model).merge_and_unload())
+    parts = parts_of(model)
+    prefixes = tuple(p for part in meta["trained_parts"] if part not in ("lora", "llm") for p in parts[part])
+    if "llm" in meta["trained_parts"]:
+        prefixes += parts["llm"]
+    trained_keys = {k for k in model.state_dict() if k.startswith(prefixes)}
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -171,8 +175,11 @@ def main(args):
         if released:
             n_keys, n_skipped = write_released(model, args.base_model, tmp, override, trained_keys)
         else:
-            model.to(override or dtype).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if isinstance(model, TinySa2VAQwenVLModel):
+                save_tiny_qwenvl(model.to(override or dtype), tmp)  # weights + processor
+            else:
+                model.to(override or dtype).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             n_keys, n_skipped = len(model.state_dict()), 0
         del model
         info = dict(base_model=args.base_model, base_fingerprint=fingerprint, lora_weights=args.lora_weights,

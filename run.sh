@@ -6,7 +6,7 @@
 #   MODEL=/path/Sa2VA-4B DATA=/path/vessels BF16=1 bash run.sh full
 #
 # Environment (all optional):
-#   MODEL      base Sa2VA folder, or `tiny` (default: tiny)
+#   MODEL      base Sa2VA folder (InternVL or Qwen-VL family), `tiny` or `tiny-qwenvl` (default: tiny)
 #   DATA       data folder (images/ + masks/ or annotations.json); default: synthetic videos in $OUT/data
 #   FORMAT     layout of the generated synthetic data: masks | annotations (default masks)
 #   OUT        output folder (default outputs/<preset>)
@@ -26,9 +26,11 @@ FORMAT=${FORMAT:-masks}
 STAGES=${STAGES:-sft,dpo,hard,ppo,eval,merge}
 ZERO_STAGE=${ZERO_STAGE:-2}
 PYTHON=${PYTHON:-python}
+TINY=0
+case "$MODEL" in tiny|tiny-qwenvl) TINY=1 ;; esac  # the embedded stand-ins (InternVL / Qwen-VL family)
 
 # ---- sizes and per-stage settings: the mission's numbers; the tiny model needs larger steps
-if [ "$PRESET" = quick ] && [ "$MODEL" = tiny ]; then
+if [ "$PRESET" = quick ] && [ "$TINY" = 1 ]; then
   # the tiny stand-in needs more frames than the mission's 50 to learn anything (README)
   MAX_TRAIN=${MAX_TRAIN:-100}; MAX_VAL=${MAX_VAL:-24}; EPOCHS=1
 elif [ "$PRESET" = quick ]; then
@@ -36,7 +38,7 @@ elif [ "$PRESET" = quick ]; then
 else
   MAX_TRAIN=${MAX_TRAIN:-1000}; MAX_VAL=${MAX_VAL:-100}; EPOCHS=3
 fi
-if [ "$MODEL" = tiny ]; then
+if [ "$TINY" = 1 ]; then
   # a 0.3M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run")
   SFT_ARGS="--epochs 8 --lr 3e-3 --lora_preset small"
   DPO_ARGS="--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1"  # beta: README, "DPO"

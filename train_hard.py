@@ -38,7 +38,7 @@ from common.evaluation import METRICS, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss
-from common.sa2va import Sa2VAProcessor, describe
+from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
 
 STAGE = "hard"
 VIEWS = 8  # the dihedral views of a frame: 4 quarter turns, each with or without a left-right flip
@@ -161,7 +161,7 @@ def train_mode(model):
     (LoRA's, say) changes features that are cached as constants."""
     model.train()
     if llm_is_frozen(model):
-        for m in (model.vision_model, model.mlp1, model.language_model):
+        for m in pre_seg_modules(model):
             m.eval()
     model.grounding_encoder.sam2_model.image_encoder.eval()
 

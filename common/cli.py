@@ -8,7 +8,7 @@ import torch
 
 from common.data import DATA_FORMATS, VIDEO_REGEX
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, load_model
+from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, llm_module, load_model
 
 
 def parser(description):
@@ -17,8 +17,9 @@ def parser(description):
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=TINY, help="base Sa2VA: a local Hugging Face folder, or `tiny` (the embedded "
-                                                 "default, built in memory); nothing is downloaded")
+    g.add_argument("--model", default=TINY, help="base Sa2VA: a local Hugging Face folder (InternVL or Qwen-VL family), "
+                                                 f"`{TINY}` (the embedded default, built in memory) or `{TINY_QWENVL}` "
+                                                 "(its Qwen3-VL-family twin); nothing is downloaded")
     g.add_argument("--init", default=None, help="stage checkpoint to start from (e.g. the SFT run's best/)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="user prompt; must contain <image>")
     g.add_argument("--answer", default=DEFAULT_ANSWER, help="teacher-forced answer; must contain [SEG]")
@@ -116,11 +117,11 @@ def setup_model(args, log=print):
         if p.requires_grad:
             p.data = p.data.float()
     if args.grad_ckpt:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm_module(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # InternLM2's remote code ignores those kwargs and checkpoints with the reentrant variant,
         # which passes no gradient to LoRA unless the layer input requires grad (the embeddings
         # are frozen): make it require grad, as the released wrap_llm_lora does
-        model.language_model.enable_input_require_grads()
+        llm_module(model).enable_input_require_grads()
     trainable, total = count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
     return model, tokenizer, parts

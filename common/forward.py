@@ -12,6 +12,10 @@ position of `[SEG]` (the same state `predict_forward` reads from `generate`), pr
     SAM2 image encoder (frozen) -> conv_s0/conv_s1, + no_mem_embed -> _forward_sam_heads
     -> low-res logits (B, 1, S/4, S/4) -> bilinear to S x S -> bilinear to H x W
 
+The Qwen-VL family (`Sa2VAChatModelQwen`) differs only before the [SEG] state: the model's own
+multimodal forward (pixel_values, image_grid_thw[, mm_token_type_ids]) replaces the splicing,
+and the [SEG] state is read pre- or post-norm as the checkpoint records (`common.qwenvl`).
+
 The last two resizes are the released inference's (`propagate_in_video` returns S x S,
 `predict_forward` resizes to the frame), so a threshold on our logits gives its mask.
 
@@ -24,7 +28,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from common.sa2va import unwrap_llm
+from common import qwenvl
+from common.sa2va import QWENVL, family, pre_seg_modules, unwrap_llm
 
 
 def model_dtype(module):
@@ -37,7 +42,7 @@ def requires_grad(module):
 
 def llm_is_frozen(model):
     """True when nothing before the [SEG] hidden state trains (LLM, LoRA, mlp1, vision)."""
-    return not (requires_grad(model.language_model) or requires_grad(model.mlp1) or requires_grad(model.vision_model))
+    return not any(requires_grad(m) for m in pre_seg_modules(model))
 
 
 def image_embeddings(model, pixel_values):
@@ -65,9 +70,26 @@ def cached_image_embeddings(model, batch, cache=None):
 def llm_forward(model, batch, with_text_logits=False, cache=None):
     """Teacher-forced LLM forward. Returns (seg_hidden (B, h), answer logits or None).
 
-    `seg_hidden` is the last layer's (post-norm) hidden state at each sample's [SEG] input
-    position. Right padding keeps every position and the causal attention of real tokens
-    unchanged, so a batch gives each sample's unbatched result."""
+    `seg_hidden` is the last layer's hidden state at each sample's [SEG] input position (InternVL
+    family: post-norm; Qwen-VL: as `model.seg_hidden_state` says). Right padding keeps every
+    position and the causal attention of real tokens unchanged, so a batch gives each sample's
+    unbatched result."""
+    if family(model) == QWENVL:
+        hidden, seg_hidden = qwenvl.seg_hidden(model, batch)
+    else:
+        hidden, seg_hidden = internvl_hidden(model, batch)
+    text_logits = None
+    if with_text_logits:
+        # position t predicts token t+1: keep the positions whose next token is an answer token
+        next_labels = batch["labels"][:, 1:]
+        keep = next_labels != -100
+        text_logits = (model.get_output_embeddings()(hidden[:, :-1][keep]).float(), next_labels[keep])
+    return seg_hidden, text_logits
+
+
+def internvl_hidden(model, batch):
+    """InternVL family: vision features spliced at <IMG_CONTEXT>, the decoder stack ->
+    (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
     input_ids = batch["input_ids"]
     embed = model.get_input_embeddings()
     input_embeds = embed(input_ids)
@@ -83,14 +105,7 @@ def llm_forward(model, batch, with_text_logits=False, cache=None):
     hidden = backbone(inputs_embeds=input_embeds, attention_mask=batch["attention_mask"],
                       use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    seg_hidden = hidden[rows, batch["seg_index"]]
-    text_logits = None
-    if with_text_logits:
-        # position t predicts token t+1: keep the positions whose next token is an answer token
-        next_labels = batch["labels"][:, 1:]
-        keep = next_labels != -100
-        text_logits = (model.get_output_embeddings()(hidden[:, :-1][keep]).float(), next_labels[keep])
-    return seg_hidden, text_logits
+    return hidden, hidden[rows, batch["seg_index"]]
 
 
 def sam_autocast(device):

@@ -15,7 +15,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.sa2va import CheckpointError, unwrap_llm
+from common.sa2va import QWENVL, CheckpointError, family, llm_module, set_llm_module, unwrap_llm
 
 LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
 # Attention projections of each LLM family (the mission's q,k,v,o), and the MLP ones.
@@ -26,7 +26,15 @@ LORA_TARGETS = {
                          ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
 }
 LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
-# Trainable parts by name -> module path prefixes in the Sa2VA model.
+# The Qwen-VL family adapts the whole Qwen-VL model: these names match only its text layers
+# (model.language_model.layers.N.self_attn.q_proj ...); the vision blocks use attn.qkv / attn.proj /
+# mlp.linear_fc1 (Qwen3-VL) or mlp.gate/up/down_proj under `visual.blocks` (Qwen2.5-VL), hence
+# the `language_model.` anchor that keeps the vision tower out of LoRA.
+LORA_TARGETS["Qwen2_5_VLForConditionalGeneration"] = LORA_TARGETS["Qwen3VLForConditionalGeneration"] = (
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+# Trainable parts by name -> module path prefixes in the Sa2VA model (names without PEFT's
+# wrapper infixes, see `canonical_name`).
 PARTS = {
     "lora": ("language_model.",),  # only the lora_ parameters in it
     "llm": ("language_model.",),
@@ -36,12 +44,27 @@ PARTS = {
     "mlp1": ("mlp1.",),
     "vision": ("vision_model.",),
 }
+# The Qwen-VL family: the LLM is inside `model` next to the vision tower (`visual`, its merger last).
+QWENVL_PARTS = dict(PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),
+                    mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
 STAGE_FILE, PARTS_FILE = "stage.json", "trained_parts.safetensors"
 
 
+def parts_of(model):
+    """Part name -> parameter name prefixes, for the model's family."""
+    return QWENVL_PARTS if family(model) == QWENVL else PARTS
+
+
+def canonical_name(name):
+    """A parameter's name in the base model: PEFT's `base_model.model.` and `.base_layer` removed."""
+    return name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+
+
 def lora_target_modules(model, include_mlp=False):
-    """LoRA target names for the model's LLM family, checked against its module names."""
-    llm = unwrap_llm(model.language_model)
+    """LoRA target names for the model's LLM family, checked against its module names. For the
+    Qwen-VL family they are anchored at the text layers (a regex), so the vision tower's MLP
+    projections of Qwen2.5-VL (same names) stay frozen."""
+    llm = unwrap_llm(llm_module(model))
     arch = type(llm).__name__
     if arch not in LORA_TARGETS:
         raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(LORA_TARGETS))}")
@@ -52,33 +75,36 @@ def lora_target_modules(model, include_mlp=False):
         if not any(n.endswith(t) for n in names):
             raise CheckpointError(f"LoRA target {t!r} matches no module of {arch}; the LLM's module names differ "
                                   f"from the preset (found e.g. {names[-3:]})")
+    if family(model) == QWENVL:
+        return r".*language_model\.layers\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
     return targets
 
 
 def apply_lora(model, rank, alpha, dropout=0.05, include_mlp=False):
-    """Wrap `model.language_model` with a PEFT LoRA adapter, as the released wrap_llm_lora does."""
+    """Wrap the LLM module (`llm_module`) with a PEFT LoRA adapter, as the released wrap_llm_lora does."""
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                         target_modules=lora_target_modules(model, include_mlp))
-    model.language_model = get_peft_model(model.language_model, config)
+    set_llm_module(model, get_peft_model(llm_module(model), config))
     return model
 
 
 def has_lora(model):
-    return hasattr(model.language_model, "peft_config")
+    return hasattr(llm_module(model), "peft_config")
 
 
 def set_trainable(model, parts):
     """Freeze everything, then unfreeze the named parts. Returns the trainable parameters."""
-    unknown = set(parts) - set(PARTS)
+    table = parts_of(model)
+    unknown = set(parts) - set(table)
     if unknown:
-        raise ValueError(f"unknown --trainable part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"unknown --trainable part(s) {sorted(unknown)}; choose from {', '.join(table)}")
     if "lora" in parts and not has_lora(model):
         raise ValueError("--trainable lora needs a LoRA adapter (a --lora_preset, or an --init checkpoint with one)")
     for name, p in model.named_parameters():
         p.requires_grad = False
         for part in parts:
-            if name.startswith(PARTS[part]) and (part != "lora" or "lora_" in name):
+            if canonical_name(name).startswith(table[part]) and (part != "lora" or "lora_" in name):
                 p.requires_grad = True
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -91,7 +117,7 @@ def count_parameters(model):
 def base_fingerprint(model):
     """A short hash of the base model: its shapes and a sample of its frozen LLM embedding.
     A stage checkpoint records it; loading onto another base model is refused."""
-    llm = unwrap_llm(model.language_model)
+    llm = unwrap_llm(llm_module(model))
     emb = llm.get_input_embeddings().weight
     sample = emb.detach().flatten()[:: max(1, emb.numel() // 4096)][:4096].float().cpu()
     shape = dict(cls=type(model).__name__, llm=type(llm).__name__, emb=list(emb.shape),
@@ -103,8 +129,9 @@ def base_fingerprint(model):
 
 def trained_state(model, parts):
     """The non-LoRA weights of the trained parts, keyed by their names in the base model."""
-    prefixes = tuple(p for part in parts if part not in ("lora", "llm") for p in PARTS[part])
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n.startswith(prefixes)}
+    prefixes = tuple(p for part in parts if part not in ("lora", "llm") for p in parts_of(model)[part])
+    return {canonical_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if canonical_name(n).startswith(prefixes) and "lora_" not in n}
 
 
 def save_stage(model, out_dir, parts, meta, gather=None):
@@ -116,10 +143,11 @@ def save_stage(model, out_dir, parts, meta, gather=None):
     params = list(model.parameters())
     with gather(params) if gather else _nullcontext():
         if has_lora(model):
-            model.language_model.save_pretrained(tmp)
+            llm_module(model).save_pretrained(tmp)
         save_file(trained_state(model, parts), os.path.join(tmp, PARTS_FILE))
     with open(os.path.join(tmp, STAGE_FILE), "w") as f:
-        json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model)), f, indent=2, default=str)
+        json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model), family=family(model),
+                       seg_hidden_state=getattr(model, "seg_hidden_state", "post_norm")), f, indent=2, default=str)
     if os.path.exists(out_dir):
         old = out_dir.rstrip("/") + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -154,13 +182,17 @@ def load_stage(model, ckpt_dir, trainable_lora=False):
         raise CheckpointError(f"{ckpt_dir} was trained on base model {meta.get('base_model')!r} "
                               f"(fingerprint {meta['base_fingerprint']}), not on this one ({fingerprint}); "
                               f"pass the same --model it was trained from")
+    convention = getattr(model, "seg_hidden_state", "post_norm")
+    if meta.get("seg_hidden_state", convention) != convention:
+        raise CheckpointError(f"{ckpt_dir} was trained on the {meta['seg_hidden_state']} [SEG] state, this model reads "
+                              f"the {convention} one: its text_hidden_fcs would get other inputs")
     if meta.get("lora"):
         from peft import PeftModel
         if has_lora(model):
             raise CheckpointError(f"{ckpt_dir}: the model already has a LoRA adapter")
-        model.language_model = PeftModel.from_pretrained(model.language_model, ckpt_dir, is_trainable=trainable_lora)
+        set_llm_module(model, PeftModel.from_pretrained(llm_module(model), ckpt_dir, is_trainable=trainable_lora))
     state = load_file(os.path.join(ckpt_dir, PARTS_FILE))
-    own = dict(model.named_parameters())
+    own = {canonical_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
     unknown = [k for k in state if k not in own]
     if unknown:
         raise CheckpointError(f"{ckpt_dir}: {len(unknown)} weight(s) do not exist in this model, e.g. {unknown[0]}")

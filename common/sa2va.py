@@ -11,6 +11,12 @@ the same answer text.
 Checked against the released InternVL-family code (bytedance/Sa2VA,
 projects/sa2va/hf/models/modeling_sa2va_chat.py: `preparing_for_generation`,
 `predict_forward`, `dynamic_preprocess`; sam2.py: `preprocess_image`, DirectResize).
+
+Two families, one API: `family(model)` is "internvl" (`Sa2VAChatModel`: vision_model + mlp1 +
+language_model) or "qwenvl" (`Sa2VAChatModelQwen`: one Qwen2.5-VL / Qwen3-VL model as `model`).
+What differs in building inputs and reading the [SEG] state lives in `common.qwenvl`; the rest
+of the project asks this module for the LLM module (`llm_module`) and the modules in front of
+the [SEG] state (`pre_seg_modules`).
 """
 import json
 import os
@@ -20,10 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import qwenvl
 from common.tiny import (IMG_CONTEXT, IMG_END, IMG_START, SEG, TinySa2VAChatModel, build_tiny_model,
                          dynamic_preprocess, pil_to_normalized)
 
 TINY = "tiny"
+TINY_QWENVL = "tiny-qwenvl"
+TINY_MODELS = (TINY, TINY_QWENVL)
+INTERNVL, QWENVL = "internvl", "qwenvl"
+# the attribute holding the module LoRA adapts, per family
+LLM_ATTR = {INTERNVL: "language_model", QWENVL: "model"}
 DEFAULT_PROMPT = "<image>\nPlease segment the blood vessel."
 DEFAULT_ANSWER = "It is [SEG]."
 # The released `preparing_for_generation` sets these regardless of the config; a model that
@@ -36,10 +48,17 @@ class CheckpointError(ValueError):
 
 
 def load_model(name_or_path, dtype=torch.float32, seed=0):
-    """(model, tokenizer) for `tiny` (built in memory, deterministic in `seed`), a saved tiny
-    folder, or a released Sa2VA Hugging Face folder (loaded with its own remote code)."""
+    """(model, tokenizer) for `tiny` / `tiny-qwenvl` (built in memory, deterministic in `seed`), a
+    saved tiny folder, or a released Sa2VA Hugging Face folder of either family (loaded with its
+    own remote code). A Qwen-VL model also gets `model.processor` (the folder's processor, which
+    its predict_forward takes) and `model.seg_hidden_state` (the [SEG] state convention)."""
     if name_or_path == TINY:
         model, tokenizer = build_tiny_model(seed)
+        return model.to(dtype), tokenizer
+    if name_or_path == TINY_QWENVL:
+        from common.tiny_qwenvl import build_tiny_qwenvl
+        model, tokenizer = build_tiny_qwenvl(seed)
+        model.seg_hidden_state = model.config.seg_hidden_state
         return model.to(dtype), tokenizer
     config_path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(config_path):
@@ -47,6 +66,8 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
                               f"Sa2VA folder (nothing is downloaded)")
     with open(config_path) as f:
         config = json.load(f)
+    if folder_family(config) == QWENVL:
+        return load_qwenvl(name_or_path, config, dtype)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
     if config.get("model_type") == "tiny_sa2va":
@@ -59,6 +80,66 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
     # the released class leaves this None until preparing_for_generation(); the forward path needs it
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     return model, tokenizer
+
+
+def folder_family(config):
+    """The family of a model folder from its config.json (a dict): the tiny Qwen-VL one, or a
+    released folder whose auto_map / architectures name `Sa2VAChatModelQwen`."""
+    names = [str((config.get("auto_map") or {}).get("AutoModel", "")).rsplit(".", 1)[-1]]
+    names += list(config.get("architectures") or [])
+    if config.get("model_type") == "tiny_sa2va_qwenvl" or "Sa2VAChatModelQwen" in names:
+        return QWENVL
+    return INTERNVL
+
+
+def load_qwenvl(path, config, dtype):
+    """A Qwen-VL-family folder: the model (tiny class or released remote code), its processor, and
+    the [SEG] state convention its `text_hidden_fcs` was trained with (config.json)."""
+    if config.get("model_type") == "tiny_sa2va_qwenvl":
+        from common.tiny_qwenvl import TinySa2VAQwenVLModel
+        model = TinySa2VAQwenVLModel.from_pretrained(path, **dtype_kwarg(dtype))
+    else:
+        model = load_released(path, dtype)
+    arch = type(qwenvl.unwrap(model.model)).__name__
+    model.processor = qwenvl.load_processor(path)
+    tokenizer = model.processor.tokenizer
+    for token in (SEG, qwenvl.IMAGE_PAD, qwenvl.VISION_START, qwenvl.VISION_END):
+        if token not in tokenizer.get_vocab():
+            raise CheckpointError(f"{path}: tokenizer has no {token} token; is this a Sa2VA Qwen-VL checkpoint?")
+    model.seg_hidden_state = qwenvl.seg_hidden_convention(config, arch)
+    return model, tokenizer
+
+
+def family(model):
+    """"qwenvl" for a Sa2VA whose `model` is a Qwen-VL model, else "internvl"."""
+    inner = getattr(model, "model", None)
+    if inner is not None and type(qwenvl.unwrap(inner)).__name__ in qwenvl.VL_ARCHS:
+        return QWENVL
+    return INTERNVL
+
+
+def llm_module(model):
+    """The module LoRA wraps: InternVL's `language_model`, Qwen-VL's whole `model` (LoRA targets
+    match only its text layers)."""
+    return getattr(model, LLM_ATTR[family(model)])
+
+
+def set_llm_module(model, module):
+    setattr(model, LLM_ATTR[family(model)], module)
+
+
+def pre_seg_modules(model):
+    """The modules in front of the [SEG] hidden state (nothing here trains: the state is a constant)."""
+    if family(model) == QWENVL:
+        return [model.model]
+    return [model.vision_model, model.mlp1, model.language_model]
+
+
+def predict(model, tokenizer, image, text):
+    """The released `predict_forward` of either family (Qwen-VL's takes the processor)."""
+    if family(model) == QWENVL:
+        return model.predict_forward(image=image, text=text, processor=model.processor)
+    return model.predict_forward(image=image, text=text, tokenizer=tokenizer)
 
 
 def dtype_kwarg(dtype):
@@ -124,9 +205,9 @@ def released_classes(path):
         auto_map = json.load(f).get("auto_map") or {}
     if "AutoConfig" not in auto_map or "AutoModel" not in auto_map:
         raise CheckpointError(f"{path}/config.json has no auto_map for AutoConfig/AutoModel: not a released Sa2VA folder")
-    if auto_map["AutoModel"].rsplit(".", 1)[-1] != "Sa2VAChatModel":
-        raise CheckpointError(f"{path}: {auto_map['AutoModel']} is not the InternVL-family Sa2VAChatModel; the Qwen-VL "
-                              f"family (Sa2VAChatModelQwen) is not supported yet (README, 'Supported checkpoints')")
+    if auto_map["AutoModel"].rsplit(".", 1)[-1] not in ("Sa2VAChatModel", "Sa2VAChatModelQwen"):
+        raise CheckpointError(f"{path}: {auto_map['AutoModel']} is neither Sa2VAChatModel (InternVL family) nor "
+                              f"Sa2VAChatModelQwen (Qwen-VL family)")
     config_cls = get_class_from_dynamic_module(auto_map["AutoConfig"], path)
     # Shim 1, transformers >= 4.50: the released config cannot be built without arguments (KeyError
     # 'architectures'); the flag that used to be `is_composition` tells transformers not to try.
@@ -167,10 +248,17 @@ class Sa2VAInterface:
     img_context_token_id: int
     pad_token_id: int
     llm_arch: str
+    family: str = INTERNVL
+    # Qwen-VL family: the HF processor and the class's processor bounds
+    processor: object = None
+    min_pixels: int = 0
+    max_pixels: int = 0
 
 
 def describe(model, tokenizer):
     """Read every input convention of the forward path from the loaded model."""
+    if family(model) == QWENVL:
+        return describe_qwenvl(model, tokenizer)
     config = model.config
     image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
     tiling = {k: getattr(model, k, v) for k, v in RELEASED_TILING.items()}
@@ -188,6 +276,21 @@ def describe(model, tokenizer):
         pad_token_id=pad, llm_arch=type(llm).__name__, **tiling)
 
 
+def describe_qwenvl(model, tokenizer):
+    """Qwen-VL family: the processor (chat template, image processor) and the class's min/max pixels."""
+    if getattr(model, "processor", None) is None:
+        raise CheckpointError("a Qwen-VL Sa2VA needs its processor: load it with common.sa2va.load_model")
+    sam = model.grounding_encoder
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Sa2VAInterface(
+        template={}, num_image_token=0, image_size=0, min_dynamic_patch=0, max_dynamic_patch=0, use_thumbnail=False,
+        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
+        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
+        img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD), pad_token_id=pad,
+        llm_arch=type(qwenvl.unwrap(model.model)).__name__, family=QWENVL, processor=model.processor,
+        min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
+
+
 class Sa2VAProcessor:
     """(image, prompt, answer) -> model inputs, the way the released predict_forward builds them.
 
@@ -196,6 +299,8 @@ class Sa2VAProcessor:
     template's SUFFIX (the end-of-turn token)."""
 
     def __init__(self, iface: Sa2VAInterface, tokenizer, prompt=DEFAULT_PROMPT, answer=DEFAULT_ANSWER):
+        # Qwen-VL family: the prompt turn and image patches come from the model's processor exactly as
+        # its predict_forward makes them (common.qwenvl.encode); the rest of the batch is shared
         self.iface = iface
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -233,14 +338,20 @@ class Sa2VAProcessor:
 
     def __call__(self, samples):
         """Collate samples (dicts with `image` PIL, optional `mask` bool array, `key`) into a batch."""
-        tiles, g_pixels, ids, labels, seg_index = [], [], [], [], []
+        tiles, g_pixels, ids, labels, seg_index, encoded = [], [], [], [], [], []
         for s in samples:
-            t = self.image_tiles(s["image"])
-            prompt_ids, answer_ids = self.token_ids(len(t), s.get("prompt"), s.get("answer"))
+            if self.iface.family == QWENVL:
+                e = qwenvl.encode(self.iface.processor, s["image"], s.get("prompt") or self.prompt,
+                                  s.get("answer") or self.answer, self.iface.min_pixels, self.iface.max_pixels)
+                encoded.append(e)
+                prompt_ids, answer_ids = e["prompt_ids"], e["answer_ids"]
+            else:
+                t = self.image_tiles(s["image"])
+                tiles.append(t)
+                prompt_ids, answer_ids = self.token_ids(len(t), s.get("prompt"), s.get("answer"))
             seq = prompt_ids + answer_ids
             if self.iface.seg_token_id not in answer_ids:
                 raise ValueError(f"{s.get('key')}: the answer tokenises without a {SEG} token")
-            tiles.append(t)
             g_pixels.append(self.sam_pixels(s["image"]))
             ids.append(seq)
             labels.append([-100] * len(prompt_ids) + answer_ids)
@@ -254,9 +365,10 @@ class Sa2VAProcessor:
             label_ids[row, :len(lab)] = torch.tensor(lab)
             attention_mask[row, :len(seq)] = 1
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
-                     pixel_values=torch.cat(tiles), g_pixel_values=torch.stack(g_pixels),
+                     g_pixel_values=torch.stack(g_pixels),
                      seg_index=torch.tensor(seg_index), image_sizes=[s["image"].size[::-1] for s in samples],
                      keys=[s.get("key") for s in samples])
+        batch.update(qwenvl.collate(encoded, self.iface.pad_token_id) if encoded else dict(pixel_values=torch.cat(tiles)))
         if all(s.get("mask") is not None for s in samples):
             batch["masks"] = [torch.from_numpy(np.ascontiguousarray(s["mask"])) for s in samples]
         for extra in ("index", "chosen_mask", "rejected_mask"):

@@ -55,16 +55,17 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_
 TINY_ANSWER = "It is [SEG]."
 
 
-def build_tokenizer():
-    """Byte-level tokenizer (256 byte symbols, no merges) plus Sa2VA's special tokens."""
+def build_tokenizer(special_tokens=SPECIAL_TOKENS):
+    """Byte-level tokenizer (256 byte symbols, no merges) plus Sa2VA's special tokens (the first
+    is the padding token, `<|im_end|>` ends a turn)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     byte_symbols = pre_tokenizers.ByteLevel.alphabet()
     vocab = {s: i for i, s in enumerate(sorted(byte_symbols))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=special_tokens[0],
+                                        additional_special_tokens=list(special_tokens[1:]))
     return tokenizer
 
 

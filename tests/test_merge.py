@@ -125,15 +125,22 @@ def test_merge_refuses_bad_input(tiny_folder, stage_ckpt, merged, tmp_path):
                                                "--output_model", merged[0]]))
 
 
-def test_unsupported_family_refused(tiny_folder, tmp_path):
-    """A Qwen-VL-based Sa2VA folder (Sa2VAChatModelQwen) is refused by name, before any remote code runs."""
+def test_family_recognised_and_unknown_class_refused(tiny_folder, tmp_path):
+    """A folder whose auto_map names Sa2VAChatModelQwen is the Qwen-VL family; a remote-code class
+    of neither family is refused by name, before any remote code runs."""
     import json
     import shutil
-    folder = tmp_path / "Sa2VA-Qwen2_5-VL"
+    from common.sa2va import INTERNVL, QWENVL, folder_family
+    qwen = dict(model_type="sa2va_chat", architectures=["Sa2VAChatModelQwen"],
+                auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+                          "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen"})
+    assert folder_family(qwen) == QWENVL
+    assert folder_family(dict(auto_map={"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"})) == INTERNVL
+    folder = tmp_path / "Sa2VA-Other"
     shutil.copytree(tiny_folder, folder)
-    config = dict(model_type="sa2va_chat", architectures=["Sa2VAChatModelQwen"],
-                  auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
-                            "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen"})
+    config = dict(model_type="sa2va_chat", architectures=["Sa2VAChatModelOther"],
+                  auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+                            "AutoModel": "modeling_sa2va_other.Sa2VAChatModelOther"})
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="Qwen-VL family .* not supported"):
+    with pytest.raises(CheckpointError, match="neither Sa2VAChatModel .* nor"):
         load_model(str(folder))
