@@ -77,7 +77,7 @@ def llm_forward(model, batch, with_text_logits=False, cache=None):
     if family(model) == QWENVL:
         hidden, seg_hidden = qwenvl.seg_hidden(model, batch)
     else:
-        hidden, seg_hidden = internvl_hidden(model, batch)
+        hidden, seg_hidden = internvl_hidden(model, batch, cache)
     text_logits = None
     if with_text_logits:
         # position t predicts token t+1: keep the positions whose next token is an answer token
@@ -87,9 +87,9 @@ def llm_forward(model, batch, with_text_logits=False, cache=None):
     return seg_hidden, text_logits
 
 
-def internvl_hidden(model, batch):
-    """InternVL family: vision features spliced at <IMG_CONTEXT>, the decoder stack ->
-    (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
+def internvl_hidden(model, batch, cache=None):
+    """InternVL family: vision features (from `cache` when frozen) spliced at <IMG_CONTEXT>, the
+    decoder stack -> (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
     input_ids = batch["input_ids"]
     embed = model.get_input_embeddings()
     input_embeds = embed(input_ids)

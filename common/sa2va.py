@@ -156,7 +156,7 @@ def load_released(path, dtype):
     config, model_cls = released_classes(path)
     model = model_cls.from_pretrained(path, config=config, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
     rebuild_unsaved_state(model)
-    prefer_sdpa(model.language_model)
+    prefer_sdpa(llm_module(model))
     # `_llm_forward` increments a counter the released __init__ never creates
     model._count = 0
     return model
