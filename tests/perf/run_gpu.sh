@@ -5,6 +5,8 @@
 #   bash tests/perf/run_gpu.sh parity   # released-class tiny model: predict_forward parity, SFT, merge
 #   bash tests/perf/run_gpu.sh single   # 1B/4B shapes on one GPU: SFT step MFU, inference, cached hard epoch
 #   bash tests/perf/run_gpu.sh multi    # 4B shape on 1 and all visible GPUs (ZeRO-2), cached hard epoch
+#   bash tests/perf/run_gpu.sh cached   # 4B SFT step as from epoch 2 (frozen encoders served by the cache)
+#   bash tests/perf/run_gpu.sh qwenvl   # released Qwen-VL-family class: parity and an SFT step
 #   bash tests/perf/run_gpu.sh big      # 26B shape on one GPU (needs ~80+ GiB: H200)
 #
 # Needs the released Sa2VA InternVL-family HF code in $SA2VA_CODE (not part of this repository)
@@ -12,7 +14,7 @@
 # so one slow step does not take the others down with it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?phase: parity | single | multi | big}
+PHASE=${1:?phase: parity | single | multi | cached | qwenvl | big}
 SA2VA_CODE=${SA2VA_CODE:-.sa2va_code}
 RESULTS=${RESULTS:-perf_results}
 WORK=${WORK:-/tmp/sa2va_perf}
@@ -59,6 +61,15 @@ single)
   sft 4b_b16 1 --model "$WORK/m_4b" --batch_size 16
   sft 4b_b16_ckpt 1 --model "$WORK/m_4b" --batch_size 16 --grad_ckpt
   sft 4b_b32_ckpt 1 --model "$WORK/m_4b" --batch_size 32 --grad_ckpt
+  ;;
+cached)  # an SFT step from epoch 2 on: the frozen encoders' outputs come from the FeatureCache
+  build 4b
+  sft 4b_b16_cached 1 --model "$WORK/m_4b" --batch_size 16 --feature_cache_gb 40
+  sft 4b_b32_ckpt_cached 1 --model "$WORK/m_4b" --batch_size 32 --grad_ckpt --feature_cache_gb 40
+  ;;
+qwenvl)  # the released Qwen-VL-family class at a tiny config (code in $SA2VA_CODE_QWEN)
+  step qwenvl 300 python tests/real/check_qwenvl_released.py --sa2va_code "${SA2VA_CODE_QWEN:-.sa2va_code_qwen}" \
+    --out "$RESULTS/qwenvl_check.json"
   ;;
 multi)
   build 4b
