@@ -38,9 +38,8 @@ import torch
 
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
-from common.engine import (RunLogger, all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero,
-                           gather_for_save, init_distributed, is_main, load_resume_point, log_train_window,
-                           make_run_dir, rng_state, save_resume_point, seed_everything, set_rng_state, versions,
+from common.engine import (all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
+                           is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions,
                            write_json)
 from common.evaluation import validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
@@ -128,12 +127,7 @@ def split_pairs(args, entries, val_frames):
 
 def main(args):
     # ---- setup
-    deepspeed_on = cli.use_deepspeed(args)
-    rank, world_size, device = init_distributed(deepspeed_on)
-    seed_everything(args.seed + rank)
-    run_dir = make_run_dir(args.output, STAGE, args.resume)
-    logger = RunLogger(run_dir, enabled=is_main())
-    logger.line(f"run folder: {run_dir}")
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)
     disable_dropout(model)
@@ -198,16 +192,7 @@ def main(args):
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_step=None, history=[], bad_steps=0,
                  since_best=0, stopped_early=False)
     if args.resume:
-        client = load_resume_point(engine, run_dir)
-        if client is None:
-            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
-        else:
-            state = client["trainer"]
-            set_rng_state(client["rng"])
-            logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
-
-    def checkpoint():
-        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+        state = load_trainer_state(engine, run_dir, state, logger.line)
 
     def meta(metrics):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init,
@@ -262,7 +247,7 @@ def main(args):
                                  len(window) * args.batch_size * world_size, engine.get_lr()[0])
                 window, t_window = [], time.time()
             if args.save_every and state["step"] % args.save_every == 0:
-                checkpoint()
+                save_trainer_state(engine, run_dir, state)
             if args.eval_every and state["step"] % args.eval_every == 0:
                 validation(f"step {state['step']}")
                 model.train()
@@ -275,7 +260,7 @@ def main(args):
         state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
         if not args.eval_every or state["step"] % args.eval_every:
             validation(f"epoch {epoch + 1}")
-        checkpoint()
+        save_trainer_state(engine, run_dir, state)
 
     # ---- final save and summary
     final = state["history"][-1]

@@ -32,8 +32,7 @@ from PIL import Image
 from common import cli
 from common.data import DataError, EvalSampler, VesselDataset, build_splits, frame_mask, image_size
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_resume_point, log_train_window, rng_state, save_resume_point, set_rng_state,
-                           start_run, versions, write_json)
+                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import METRICS, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
@@ -298,22 +297,13 @@ def main(args):
 
     # ---- resume, or score the val split once with the starting model (hard/easy parts)
     if args.resume:
-        client = load_resume_point(engine, run_dir)
-        if client is None:
-            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
-        else:
-            state = client["trainer"]
-            set_rng_state(client["rng"])
-            logger.line(f"resumed at round {state['round'] + 1}, epoch {state['epoch']}, step {state['step']}")
+        state = load_trainer_state(engine, run_dir, state, logger.line)
     if "val_hard" not in state:
         records = score_loader(model, val_loader, device, (args.threshold,), autocast=engine.autocast, desc="val")
         state["val_hard"] = sorted(r["key"] for r in records if r["dice"][0] < args.threshold_hard)
         state["initial_val"] = subset_metrics(records, set(state["val_hard"]), args.threshold)
         logger.line(f"initial val: {describe_val(state['initial_val'])}")
     val_hard = set(state["val_hard"])
-
-    def checkpoint():
-        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
 
     def meta(epoch, metrics):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
@@ -369,7 +359,7 @@ def main(args):
                                      engine.get_lr()[0])
                     window, t_window = [], time.time()
                 if args.save_every and state["step"] % args.save_every == 0:
-                    checkpoint()
+                    save_trainer_state(engine, run_dir, state)
             train_seconds, train_hits = time.time() - t_epoch, cache.hits["fpn"] - hits_before
 
             # ---- end of epoch: cache report, validation on all / hard / easy, best/, resume point
@@ -395,7 +385,7 @@ def main(args):
                     save_stage(model, os.path.join(run_dir, "best"), save_parts, meta(epoch + 1, val),
                                gather_for_save(engine))
             state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
-            checkpoint()
+            save_trainer_state(engine, run_dir, state)
         state["round"], state["epoch"], state["hard"] = state["round"] + 1, 0, None
 
     # ---- final save and summary

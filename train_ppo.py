@@ -58,8 +58,8 @@ import torch.nn as nn
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
-                           gather_for_save, is_main, load_resume_point, log_train_window, rng_state,
-                           save_resume_point, set_rng_state, start_run, versions, write_json)
+                           gather_for_save, is_main, load_trainer_state, log_train_window, save_trainer_state,
+                           start_run, versions, write_json)
 from common.evaluation import score_loader, summarize
 from common.forward import FeatureCache, forward_batch, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
@@ -290,19 +290,14 @@ def main(args):
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_reward=-math.inf, best_epoch=None, history=[], bad_steps=0,
                  running_recall=None, epoch_rollouts=[], rng=None)
     if args.resume:
-        client = load_resume_point(engine, run_dir)
-        if client is None:
-            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
-        else:
-            state = client["trainer"]
-            set_rng_state(client["rng"])
+        state = load_trainer_state(engine, run_dir, state, logger.line)
+        if state["rng"] is not None:  # resumed: the rollout sampler and the dynamic recall weight go on
             reward_fn.running_recall = state["running_recall"]
             rng.set_state(state["rng"])
-            logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
 
     def checkpoint():
         state["running_recall"], state["rng"] = reward_fn.running_recall, rng.get_state()
-        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+        save_trainer_state(engine, run_dir, state)
 
     def meta(epoch, metrics):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,

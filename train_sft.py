@@ -21,8 +21,7 @@ import torch
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_resume_point, log_train_window, rng_state, save_resume_point, set_rng_state,
-                           start_run, versions, write_json)
+                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
@@ -83,16 +82,7 @@ def main(args):
     # ---- resume
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[], bad_steps=0)
     if args.resume:
-        client = load_resume_point(engine, run_dir)
-        if client is None:
-            logger.line(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
-        else:
-            state = client["trainer"]
-            set_rng_state(client["rng"])
-            logger.line(f"resumed at epoch {state['epoch']}, step {state['step']}")
-
-    def checkpoint():
-        save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+        state = load_trainer_state(engine, run_dir, state, logger.line)
 
     def meta(epoch, metrics):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
@@ -136,7 +126,7 @@ def main(args):
                                  len(window) * args.batch_size * world_size, engine.get_lr()[0])
                 window, t_window = [], time.time()
             if args.save_every and state["step"] % args.save_every == 0:
-                checkpoint()
+                save_trainer_state(engine, run_dir, state)
 
         # ---- end of epoch: validation, best/, resume point
         val = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
@@ -149,7 +139,7 @@ def main(args):
             if is_main():
                 save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch + 1, val), gather_for_save(engine))
         state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
-        checkpoint()
+        save_trainer_state(engine, run_dir, state)
 
     # ---- final save and summary
     final_val = state["history"][-1] if state["history"] else {}

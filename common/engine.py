@@ -293,6 +293,25 @@ def load_resume_point(engine, run_dir):
     return client_state
 
 
+def save_trainer_state(engine, run_dir, state):
+    """A resume point of the run: the engine (weights that train, optimizer, scheduler) plus the
+    loop's `state` dict and every RNG."""
+    save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
+
+
+def load_trainer_state(engine, run_dir, state, log):
+    """`--resume`: the loop's state saved at the run's last resume point (engine and RNGs
+    restored), or `state` unchanged when the run has none yet."""
+    client = load_resume_point(engine, run_dir)
+    if client is None:
+        log(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
+        return state
+    set_rng_state(client["rng"])
+    state = client["trainer"]
+    log("resumed at " + ", ".join(f"{k} {state[k]}" for k in ("round", "epoch", "step") if k in state))
+    return state
+
+
 def start_run(args, stage):
     """The setup every training script begins with: processes, seeds, run folder, logger.
     Returns (use_deepspeed, rank, world_size, device, run_dir, logger)."""
