@@ -10,21 +10,34 @@ the teacher-forced answer (the same masks as the released predict_forward when i
 checkpoint), summary.json (means per checkpoint and threshold, best threshold, per-sample
 deltas vs the first checkpoint) and overlays/ (true positive white, false positive red,
 false negative blue) for the best and worst samples.
+
+Frames without ground truth (a folder of images with no masks/ or annotations.json, or
+--predict_only) are segmented instead of scored:
+
+    python evaluate.py --model /path/to/Sa2VA-4B --init runs/hard_x/best --data new_run/ --output pred
+
+writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, one animated
+pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
+and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
 """
 import csv
 import os
+import re
 
 import numpy as np
 import torch
 from PIL import Image
 
 from common import cli
-from common.data import EvalSampler, VesselDataset, select_split
-from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
-from common.evaluation import METRICS, score_loader, summarize
+from common.data import (ANNOTATIONS_FILE, EvalSampler, VesselDataset, list_images, parse_video, read_image,
+                         select_split)
+from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
+                           write_json)
+from common.evaluation import METRICS, predict_probabilities, score_loader, summarize
+from common.forward import move_batch
 from common.lora import load_stage
 from common.rewards import cldice
-from common.sa2va import Sa2VAProcessor, describe, load_model
+from common.sa2va import SEG, Sa2VAProcessor, describe, load_model, predict
 
 
 def parse_args(argv=None):
@@ -43,6 +56,15 @@ def parse_args(argv=None):
     g.add_argument("--no_cldice", action="store_true", help="skip clDice (skeletons are the slow part on big sets)")
     g.add_argument("--panel", type=int, default=0,
                    help="write panel.png: N frames (hardest for the first checkpoint) x (frame, GT, every checkpoint)")
+    g = p.add_argument_group("prediction without ground truth")
+    g.add_argument("--predict_only", action="store_true",
+                   help="segment the frames instead of scoring them (on by itself when --data has no masks/ and no "
+                        "annotations.json); the model is --model + --init")
+    g.add_argument("--answer_mode", choices=("fixed", "generate"), default="fixed",
+                   help="fixed: the teacher-forced --answer, as in training (batched); generate: the model's own answer "
+                        "through predict_forward, one frame at a time (frames where it writes no [SEG] are reported)")
+    g.add_argument("--save_probs", action="store_true", help="also write 8-bit vessel probability PNGs (fixed mode)")
+    g.add_argument("--gif_ms", type=int, default=100, help="milliseconds per frame of the per-video GIFs")
     return p.parse_args(argv)
 
 
@@ -97,9 +119,115 @@ def write_panel(path, samples, masks_by_checkpoint, size=160):
     panel.save(path)
 
 
+class Frames(torch.utils.data.Dataset):
+    """Unlabelled frames: dict(image, key = file stem, index)."""
+
+    def __init__(self, paths):
+        self.keys, self.paths = list(paths), list(paths.values())
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return dict(image=read_image(self.paths[i]), key=self.keys[i], index=i)
+
+
+def prediction_overlay(image, pred):
+    """Frame dimmed, predicted vessel in yellow (no ground truth to colour errors by)."""
+    out = np.asarray(image.convert("RGB")).astype(np.float32) * 0.6
+    out[pred] = (255, 215, 0)
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def gif_frame(path, i, n):
+    """An overlay as GIF frame i of n: a progress bar along the bottom shows where in the video it
+    is (and keeps identical-looking frames from being merged into one by the GIF writer)."""
+    tile = Image.open(path).convert("RGB")
+    out = np.array(tile)
+    out[-3:, :] = 0
+    out[-3:, :max(1, round(out.shape[1] * (i + 1) / n))] = (255, 255, 255)
+    return Image.fromarray(out)
+
+
+def predict_frames(args, rank, world_size, device):
+    """Masks, overlays and per-video GIFs for frames without ground truth (see the docstring)."""
+    folder = os.path.join(args.data, "images") if os.path.isdir(os.path.join(args.data, "images")) else args.data
+    dataset = Frames(list_images(folder))
+    if not len(dataset):
+        raise SystemExit(f"{folder}: no images to segment")
+    model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, seed=args.seed)
+    if args.init:
+        load_stage(model, args.init)
+    model.to(device).eval()
+    for sub in ("masks", "overlays") + (("probs",) if args.save_probs else ()):
+        os.makedirs(os.path.join(args.output, sub), exist_ok=True)
+    print0(f"segmenting {len(dataset)} frames of {folder} ({args.answer_mode} answer, threshold {args.threshold})")
+
+    def save(key, image, pred, probs=None):
+        Image.fromarray(pred.astype(np.uint8) * 255).save(os.path.join(args.output, "masks", f"{key}.png"))
+        prediction_overlay(image, pred).save(os.path.join(args.output, "overlays", f"{key}.png"))
+        if probs is not None and args.save_probs:
+            Image.fromarray((probs * 255).round().astype(np.uint8)).save(os.path.join(args.output, "probs", f"{key}.png"))
+        return dict(frame=key, vessel_pixels=int(pred.sum()))
+
+    records = []
+    sampler = EvalSampler(len(dataset), rank, world_size)
+    if args.answer_mode == "fixed":
+        processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+        loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor,
+                                             num_workers=args.num_workers)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
+        for batch in loader:
+            for key, index, probs in zip(batch["keys"], batch["index"].tolist(),
+                                         predict_probabilities(model, move_batch(batch, device), autocast=autocast)):
+                probs = probs.float().cpu().numpy()
+                records.append(dict(save(key, dataset[index]["image"], probs > args.threshold, probs), seg_found=True))
+    else:
+        with torch.no_grad():
+            for index in sampler:
+                sample = dataset[index]
+                result = predict(model, tokenizer, sample["image"], args.prompt)
+                found = SEG in result["prediction"] and len(result["prediction_masks"]) > 0
+                pred = np.asarray(result["prediction_masks"][0][0], dtype=bool) if found else \
+                    np.zeros(sample["image"].size[::-1], dtype=bool)
+                records.append(dict(save(sample["key"], sample["image"], pred), seg_found=found,
+                                    answer=result["prediction"]))
+    records = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r["frame"])
+    barrier()
+    if not is_main():
+        return records
+    videos = {}
+    for r in records:
+        r["video"], r["frame_index"] = parse_video(r["frame"], args.video_regex)
+        videos.setdefault(r["video"], []).append(r)
+    os.makedirs(os.path.join(args.output, "gifs"), exist_ok=True)
+    for video, frames in videos.items():
+        frames.sort(key=lambda r: r["frame_index"])
+        tiles = [gif_frame(os.path.join(args.output, "overlays", f"{r['frame']}.png"), i, len(frames))
+                 for i, r in enumerate(frames)]
+        tiles = [t if t.size == tiles[0].size else t.resize(tiles[0].size) for t in tiles]  # one canvas per GIF
+        tiles[0].save(os.path.join(args.output, "gifs", f"{re.sub(r'[^A-Za-z0-9_.-]', '_', video)}.gif"),
+                      save_all=True, append_images=tiles[1:], duration=args.gif_ms, loop=0)
+    no_seg = [r["frame"] for r in records if not r["seg_found"]]
+    if no_seg:
+        print0(f"warning: no {SEG} in the answer for {len(no_seg)} frame(s), their masks are empty: "
+               + ", ".join(no_seg[:20]) + (" ..." if len(no_seg) > 20 else ""))
+    write_json(os.path.join(args.output, "predictions.json"), dict(
+        model=args.model, init=args.init, data=args.data, prompt=args.prompt, answer_mode=args.answer_mode,
+        answer=args.answer if args.answer_mode == "fixed" else None, threshold=args.threshold, frames=records,
+        videos={v: len(f) for v, f in videos.items()}, frames_without_seg=no_seg))
+    print0(f"wrote {len(records)} masks, overlays and {len(videos)} GIFs to {args.output}")
+    return records
+
+
 def main(args):
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
+    labelled = os.path.isdir(os.path.join(args.data, "masks")) or os.path.isfile(os.path.join(args.data, ANNOTATIONS_FILE))
+    if args.predict_only or not labelled:
+        records = predict_frames(args, rank, world_size, device)
+        cleanup()
+        return records
     thresholds = sorted({float(t) for t in args.thresholds.split(",") if t} | {args.threshold})
     main_t = thresholds.index(args.threshold)
     frames = select_split(args, args.split)
