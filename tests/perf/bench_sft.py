@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--feature_cache_gb", type=float, default=0.0,
                    help="> 0: time steps as from the second epoch on, the frozen encoders' outputs served by the "
                         "FeatureCache (as train_sft.py does); their FLOPs are then neither run nor counted")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 steps and print the top CUDA time by operator and by module scope")
     p.add_argument("--lora_preset", default="medium", help="LoRA preset (train_sft.py's default)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per GPU (0: from the GPU name)")
     p.add_argument("--output", default="bench_sft.jsonl", help="append one JSON line per run here")
@@ -175,6 +177,18 @@ def main(args):
         if step >= args.warmup:
             times.append(time.time() - t0)
     step_s = float(np.median(times))
+    if args.profile and device.type == "cuda" and is_main():
+        from torch.profiler import ProfilerActivity, profile, record_function
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                with record_function("forward"), engine.autocast():
+                    loss = micro_step(model, batch, device, cache)
+                with record_function("backward"):
+                    engine.backward(loss)
+                with record_function("optimizer"):
+                    engine_step(engine)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     frozen_s = frozen_encoders_seconds(model, batch, engine.autocast)
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     peaks = all_gather_objects(peak_gib)
