@@ -94,9 +94,6 @@ class HardItems(torch.utils.data.Dataset):
         self.frames, self.items, self.cached = VesselDataset(frames, resize_masks), items, cached
         self.masks = {} if masks is None else masks
 
-    def all_cached(self):
-        return all(view_key(self.frames.frames[i].key, v) in self.cached for i, v in self.items)
-
     def __len__(self):
         return len(self.items)
 
@@ -339,7 +336,7 @@ def main(args):
             # a fully cached epoch reads no image: its masks come from memory after the first such
             # epoch, and worker processes (started anew every epoch) would cost more than they save
             loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
-                                                 **(dict(num_workers=0) if dataset.all_cached() else loader_kw))
+                                                 **(dict(num_workers=0) if not missing else loader_kw))
             window, t_window, seen = [], time.time(), 0
             hits_before = cache.hits["fpn"]
             for batch in loader:

@@ -45,19 +45,21 @@ def llm_is_frozen(model):
     return not any(requires_grad(m) for m in pre_seg_modules(model))
 
 
+def vision_is_frozen(model):
+    return not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
+
+
 def image_embeddings(model, pixel_values):
     """Vision encoder + mlp1 for all tiles of the batch: (tiles, tokens per tile, hidden)."""
-    frozen = not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_is_frozen(model)):
         return model.extract_feature(pixel_values.to(model_dtype(model.vision_model)))
 
 
 def cached_image_embeddings(model, batch, cache=None):
     """image_embeddings of the batch, served from / stored in `cache` when the vision encoder
     and mlp1 are frozen (their output is then a constant of the sample)."""
-    frozen = not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
     keys = batch["keys"]
-    if cache is None or not frozen:
+    if cache is None or not vision_is_frozen(model):
         return image_embeddings(model, batch["pixel_values"])
     vit = cache.get("vit", keys, batch["input_ids"].device)
     if vit is None:
