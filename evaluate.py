@@ -20,24 +20,28 @@ writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, o
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
 and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
 """
+import contextlib
 import csv
+import json
 import os
 import re
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from common import cli
 from common.data import (ANNOTATIONS_FILE, EvalSampler, VesselDataset, list_images, parse_video, read_image,
                          select_split)
 from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
                            write_json)
-from common.evaluation import METRICS, predict_probabilities, score_loader, summarize
+from common.evaluation import METRICS, predict_probabilities, score_loader, score_videos, summarize, video_groups
 from common.forward import move_batch
 from common.lora import load_stage
 from common.rewards import cldice
 from common.sa2va import SEG, Sa2VAProcessor, describe, load_model, predict
+from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model, segment_video
 
 
 def parse_args(argv=None):
@@ -65,6 +69,19 @@ def parse_args(argv=None):
                         "through predict_forward, one frame at a time (frames where it writes no [SEG] are reported)")
     g.add_argument("--save_probs", action="store_true", help="also write 8-bit vessel probability PNGs (fixed mode)")
     g.add_argument("--gif_ms", type=int, default=100, help="milliseconds per frame of the per-video GIFs")
+    g = p.add_argument_group("SAM2 video memory (InternVL family)")
+    g.add_argument("--video_mode", action="store_true",
+                   help="segment each video as the released Sa2VA video inference does (the LLM sees its first "
+                        "--clip_frames frames, SAM2 tracks the rest with its memory). Scoring: every checkpoint gets "
+                        "a second row NAME+video beside its per-frame row; prediction: the masks come from video mode")
+    g.add_argument("--video_prompt", choices=PROMPTS, default="first",
+                   help="first: the first --clip_frames frames get the [SEG] prompt, later ones only memory (released); "
+                        "every: every frame gets memory and the [SEG] prompt (frame 0 alone has no memory)")
+    g.add_argument("--clip_frames", type=int, default=RELEASED_CLIP_FRAMES,
+                   help="frames of each video the LLM sees (the released inference uses 5)")
+    g.add_argument("--hard_clusters", default=None,
+                   help="a hard_samples.json of mine_hard.py on the same split: also report mean Dice over the frames "
+                        "of its temporal hard clusters (cluster_mean_dice)")
     return p.parse_args(argv)
 
 
@@ -100,6 +117,43 @@ def stage_table(summary):
                      f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} |")
         previous = s["mean_dice"]
     return "\n".join(lines)
+
+
+def video_table(summary):
+    """Markdown table: per checkpoint, mean Dice per frame vs with SAM2's video memory (and over
+    the temporal hard clusters' frames when given)."""
+    clusters = any("cluster_mean_dice" in s for s in summary.values())
+    lines = ["| checkpoint | per-frame Dice | video-mode Dice | delta |"
+             + (" hard-cluster frames | per-frame | video mode | delta |" if clusters else ""),
+             "|---|---|---|---|" + ("---|---|---|---|" if clusters else "")]
+    for name, s in summary.items():
+        video = summary.get(f"{name}+video")
+        if name.endswith("+video") or video is None:
+            continue
+        line = f"| {name} | {s['mean_dice']:.4f} | {video['mean_dice']:.4f} | {video['mean_dice'] - s['mean_dice']:+.4f} |"
+        if clusters:
+            line += (f" {s['cluster_frames']} | {s['cluster_mean_dice']:.4f} | {video['cluster_mean_dice']:.4f} | "
+                     f"{video['cluster_mean_dice'] - s['cluster_mean_dice']:+.4f} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def read_cluster_keys(path, by_key):
+    """The frames of the temporal hard clusters of a mine_hard.py hard_samples.json, which must all be
+    frames of the scored split."""
+    try:
+        with open(path) as f:
+            clusters = json.load(f)["clusters"]
+        keys = {k for c in clusters for k in c["keys"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--hard_clusters {path}: not a hard_samples.json with temporal clusters ({e})")
+    unknown = sorted(keys - set(by_key))
+    if unknown:
+        raise SystemExit(f"--hard_clusters {path}: {len(unknown)} cluster frame(s) are not in the scored split, e.g. "
+                         f"{unknown[0]!r} (mine the same --split with the same data flags)")
+    if not keys:
+        print0(f"warning: --hard_clusters {path} has no temporal clusters")
+    return keys
 
 
 def write_panel(path, samples, masks_by_checkpoint, size=160):
@@ -161,7 +215,8 @@ def predict_frames(args, rank, world_size, device):
     model.to(device).eval()
     for sub in ("masks", "overlays") + (("probs",) if args.save_probs else ()):
         os.makedirs(os.path.join(args.output, sub), exist_ok=True)
-    print0(f"segmenting {len(dataset)} frames of {folder} ({args.answer_mode} answer, threshold {args.threshold})")
+    print0(f"segmenting {len(dataset)} frames of {folder} ({args.answer_mode} answer, threshold {args.threshold}"
+           + (f", video mode: {args.video_prompt} prompt, {args.clip_frames} clip frames)" if args.video_mode else ")"))
 
     def save(key, image, pred, probs=None):
         Image.fromarray(pred.astype(np.uint8) * 255).save(os.path.join(args.output, "masks", f"{key}.png"))
@@ -172,7 +227,24 @@ def predict_frames(args, rank, world_size, device):
 
     records = []
     sampler = EvalSampler(len(dataset), rank, world_size)
-    if args.answer_mode == "fixed":
+    if args.video_mode:
+        if args.answer_mode != "fixed":
+            raise SystemExit("--video_mode takes the fixed answer (the released video inference's [SEG] comes from "
+                             "one answer for the whole video); drop --answer_mode generate")
+        check_video_model(model)
+        processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+        videos = video_groups([parse_video(k, args.video_regex) for k in dataset.keys])
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and device.type == "cuda" else \
+            contextlib.nullcontext()
+        for indices in tqdm(list(videos.values())[rank::world_size], desc="videos", disable=not is_main()):
+            images = [dataset[i]["image"] for i in indices]
+            with autocast:
+                video_probs = segment_video(model, processor, images, device, args.video_prompt, args.clip_frames,
+                                            args.batch_size)
+            for i, image, probs in zip(indices, images, video_probs):
+                probs = probs.float().cpu().numpy()
+                records.append(dict(save(dataset.keys[i], image, probs > args.threshold, probs), seg_found=True))
+    elif args.answer_mode == "fixed":
         processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor,
                                              num_workers=args.num_workers)
@@ -214,6 +286,7 @@ def predict_frames(args, rank, world_size, device):
                + ", ".join(no_seg[:20]) + (" ..." if len(no_seg) > 20 else ""))
     write_json(os.path.join(args.output, "predictions.json"), dict(
         model=args.model, init=args.init, data=args.data, prompt=args.prompt, answer_mode=args.answer_mode,
+        video_mode=dict(prompt=args.video_prompt, clip_frames=args.clip_frames) if args.video_mode else None,
         answer=args.answer if args.answer_mode == "fixed" else None, threshold=args.threshold, frames=records,
         videos={v: len(f) for v, f in videos.items()}, frames_without_seg=no_seg))
     print0(f"wrote {len(records)} masks, overlays and {len(videos)} GIFs to {args.output}")
@@ -236,57 +309,73 @@ def main(args):
     print0(f"scoring {len(dataset)} frames of {args.data} ({args.split}) at thresholds {thresholds}")
     os.makedirs(args.output, exist_ok=True)
 
+    cluster_keys = read_cluster_keys(args.hard_clusters, by_key) if args.hard_clusters else None
     rows, summary, panel_masks, panel_keys = [], {}, {}, None
-    for name, ckpt in parse_checkpoints(args.checkpoints):
+    for base_name, ckpt in parse_checkpoints(args.checkpoints):
         model, tokenizer = load_model(args.model, seed=args.seed)
         if ckpt:
             load_stage(model, ckpt)
         model.to(device).eval()
+        if args.video_mode:
+            check_video_model(model)
         processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                              collate_fn=processor, num_workers=args.num_workers)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
-        records, probs = score_loader(model, loader, device, thresholds, autocast=autocast, desc=f"scoring {name}",
-                                      keep_probs=True)
-        # probabilities stay on the rank that made them: clDice and overlays are computed there
-        local = {}
-        for key, p in probs.items():
-            pred = (p > args.threshold).numpy()
-            local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
-        extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
-        if args.panel:
-            if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
-                panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
-            local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
-            panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
-        sweep = summarize(records, thresholds)
-        best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
-        summary[name] = dict(checkpoint=ckpt, threshold=args.threshold, **sweep[float(args.threshold)],
-                             mean_cldice=None if args.no_cldice else float(np.mean([e["cldice"] for e in extra.values()])),
-                             best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
-                             sweep={str(t): v for t, v in sweep.items()})
-        for r in records:
-            f = frames[r["index"]]
-            rows.append(dict(checkpoint=name, sample=r["key"], video=f.video, frame=f.frame,
-                             **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
-        if is_main() and args.overlays:
-            ranked = sorted(records, key=lambda r: r["dice"][main_t])
-            chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
-            os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
-            for key, tag in chosen.items():
-                if key not in probs:
-                    continue  # scored by another rank
-                sample = dataset[by_key[key]]
-                overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
-                    os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
-        s = summary[name]
-        print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
-               f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
-               + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}")
+        for mode in ("frame", "video") if args.video_mode else ("frame",):
+            name = base_name if mode == "frame" else f"{base_name}+video"
+            if mode == "frame":
+                records, probs = score_loader(model, loader, device, thresholds, autocast=autocast,
+                                              desc=f"scoring {name}", keep_probs=True)
+            else:
+                records, probs = score_videos(model, processor, dataset, device, thresholds, autocast=autocast,
+                                              desc=f"scoring {name}", keep_probs=True, prompt=args.video_prompt,
+                                              clip_frames=args.clip_frames, chunk=args.batch_size)
+            # probabilities stay on the rank that made them: clDice and overlays are computed there
+            local = {}
+            for key, p in probs.items():
+                pred = (p > args.threshold).numpy()
+                local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
+            extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
+            if args.panel:
+                if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
+                    panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
+                local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
+                panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
+            sweep = summarize(records, thresholds)
+            best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
+            summary[name] = dict(checkpoint=ckpt, threshold=args.threshold, **sweep[float(args.threshold)],
+                                 mean_cldice=None if args.no_cldice else float(np.mean([e["cldice"] for e in extra.values()])),
+                                 best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
+                                 sweep={str(t): v for t, v in sweep.items()})
+            if cluster_keys is not None:
+                dices = [r["dice"][main_t] for r in records if r["key"] in cluster_keys]
+                summary[name].update(cluster_frames=len(dices),
+                                     cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
+            for r in records:
+                f = frames[r["index"]]
+                rows.append(dict(checkpoint=name, sample=r["key"], video=f.video, frame=f.frame,
+                                 **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
+            if is_main() and args.overlays:
+                ranked = sorted(records, key=lambda r: r["dice"][main_t])
+                chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
+                os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
+                for key, tag in chosen.items():
+                    if key not in probs:
+                        continue  # scored by another rank
+                    sample = dataset[by_key[key]]
+                    overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
+                        os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
+            s = summary[name]
+            print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
+                   f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
+                   + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}")
         del model
 
     names = list(summary)
     table = stage_table(summary)
+    if args.video_mode:
+        table += "\n\n" + video_table(summary)
     print0(table)
     if is_main() and args.panel:
         write_panel(os.path.join(args.output, "panel.png"), [dataset[by_key[k]] for k in panel_keys], panel_masks)

@@ -8,6 +8,7 @@ the global Dice pools the pixel counts of the split.
 """
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from common.engine import all_gather_objects, is_main
@@ -40,19 +41,60 @@ def score_loader(model, loader, device, thresholds=(0.5,), cache=None, autocast=
         batch = move_batch(batch, device)
         for i, probs in enumerate(predict_probabilities(model, batch, cache, autocast)):
             probs = probs.cpu()
-            pred = probs[None] > thresholds[:, None, None]  # (T, H, W)
-            gt = masks[i].bool()[None].expand_as(pred)
-            counts = overlap_counts(pred, gt)
-            metrics = metrics_from_counts(counts["tp"], counts["fp"], counts["fn"])
-            record = dict(key=batch["keys"][i], index=int(batch["index"][i]) if "index" in batch else None,
-                          **{k: counts[k].tolist() for k in ("tp", "fp", "fn")},
-                          **{k: metrics[k].tolist() for k in METRICS})
-            records.append(record)
+            records.append(frame_record(batch["keys"][i], int(batch["index"][i]) if "index" in batch else None,
+                                        probs, masks[i], thresholds))
             if keep_probs:
-                probs_out[record["key"]] = probs
+                probs_out[batch["keys"][i]] = probs
     model.train(was_training)
+    records = gather_records(records)
+    return (records, probs_out) if keep_probs else records
+
+
+def frame_record(key, index, probs, mask, thresholds):
+    """dict(key, index, tp/fp/fn and dice/iou/precision/recall per threshold) of one frame's
+    probabilities (H, W) against its mask."""
+    pred = probs[None] > thresholds[:, None, None]  # (T, H, W)
+    counts = overlap_counts(pred, torch.as_tensor(mask).bool()[None].expand_as(pred))
+    metrics = metrics_from_counts(counts["tp"], counts["fp"], counts["fn"])
+    return dict(key=key, index=index, **{k: counts[k].tolist() for k in ("tp", "fp", "fn")},
+                **{k: metrics[k].tolist() for k in METRICS})
+
+
+def gather_records(records):
+    """Every rank's records, in dataset order."""
     records = [r for part in all_gather_objects(records) for r in part]
     records.sort(key=lambda r: (r["index"] is None, r["index"] if r["index"] is not None else r["key"]))
+    return records
+
+
+def video_groups(frame_ids):
+    """{video: [positions in frame order]} of a list of (video, frame index) pairs, videos sorted."""
+    groups = {}
+    for i, (video, _) in enumerate(frame_ids):
+        groups.setdefault(video, []).append(i)
+    return {v: sorted(idx, key=lambda i: frame_ids[i][1]) for v, idx in sorted(groups.items())}
+
+
+@torch.no_grad()
+def score_videos(model, processor, dataset, device, thresholds=(0.5,), autocast=None, desc="scoring videos",
+                 keep_probs=False, **video_args):
+    """score_loader's records with SAM2's video memory (`common.video.segment_video`): whole videos,
+    sharded over ranks by video (a video's memory needs all its frames on one rank)."""
+    from common.video import segment_video
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    records, probs_out = [], {}
+    videos = list(video_groups([(f.video, f.frame) for f in dataset.frames]).values())[rank::world]
+    for indices in tqdm(videos, desc=desc, leave=False, disable=not is_main()):
+        samples = [dataset[i] for i in indices]
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            video_probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
+        for i, s, probs in zip(indices, samples, video_probs):
+            probs = probs.float().cpu()
+            records.append(frame_record(s["key"], i, probs, s["mask"], thresholds))
+            if keep_probs:
+                probs_out[s["key"]] = probs
+    records = gather_records(records)
     return (records, probs_out) if keep_probs else records
 
 

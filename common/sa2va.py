@@ -323,10 +323,16 @@ class Sa2VAProcessor:
         x = np.array(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)  # writable
         return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
-    def token_ids(self, num_tiles, prompt=None, answer=None):
-        """(prompt ids, answer ids) for an image of `num_tiles` tiles."""
+    def clip_tiles(self, frames):
+        """A video clip as the released predict_forward(video=...) feeds it to the LLM: one tile per
+        frame (a plain resize to the tile size, no dynamic tiling)."""
+        return torch.stack([pil_to_normalized(f, self.iface.image_size) for f in frames])
+
+    def token_ids(self, num_tiles, prompt=None, answer=None, frames=1):
+        """(prompt ids, answer ids) for an image of `num_tiles` tiles, or for `frames` video frames of
+        `num_tiles` each (their image blocks joined by newlines, as the released video prompt)."""
         i = self.iface
-        image_tokens = IMG_START + IMG_CONTEXT * (num_tiles * i.num_image_token) + IMG_END
+        image_tokens = "\n".join([IMG_START + IMG_CONTEXT * (num_tiles * i.num_image_token) + IMG_END] * frames)
         text = (prompt or self.prompt).replace("<image>", image_tokens)
         instruction = i.template["INSTRUCTION"].format(input=text, round=1, bot_name="BOT")
         # with the tokenizer's own special tokens, as predict_forward's `tokenizer.encode(input_text)`:
@@ -337,7 +343,8 @@ class Sa2VAProcessor:
         return prompt_ids, answer_ids
 
     def __call__(self, samples):
-        """Collate samples (dicts with `image` PIL, optional `mask` bool array, `key`) into a batch."""
+        """Collate samples (dicts with `image` PIL, optional `mask` bool array, `key`; or a video clip:
+        `frames`, a list of PIL frames the LLM sees, with `image` its first frame) into a batch."""
         tiles, g_pixels, ids, labels, seg_index, encoded = [], [], [], [], [], []
         for s in samples:
             if self.iface.family == QWENVL:
@@ -345,6 +352,10 @@ class Sa2VAProcessor:
                                   s.get("answer") or self.answer, self.iface.min_pixels, self.iface.max_pixels)
                 encoded.append(e)
                 prompt_ids, answer_ids = e["prompt_ids"], e["answer_ids"]
+            elif "frames" in s:  # a video clip (common.video): the LLM sees its frames, SAM2 input is s["image"]
+                t = self.clip_tiles(s["frames"])
+                tiles.append(t)
+                prompt_ids, answer_ids = self.token_ids(1, s.get("prompt"), s.get("answer"), frames=len(t))
             else:
                 t = self.image_tiles(s["image"])
                 tiles.append(t)

@@ -307,6 +307,75 @@ class TinyMaskDecoder(nn.Module):
         return masks[:, 0:1], iou_pred[:, 0:1], mask_tokens_out[:, 0:1], object_score_logits
 
 
+class TinyMemoryEncoder(nn.Module):
+    """SAM2's MemoryEncoder at tiny width: the (already sigmoided, scaled) mask downsampled x16 by
+    strided convs, added to the projected frame features, a fuser block, projection to `mem_dim`;
+    returns `vision_features` (B, mem_dim, h, w) and `vision_pos_enc` [(B, mem_dim, h, w)]."""
+
+    def __init__(self, in_dim, mem_dim, stride=16):
+        super().__init__()
+        layers, channels = [], 1
+        for _ in range(int(math.log2(stride))):
+            layers += [nn.Conv2d(channels, channels * 4, 3, 2, 1), LayerNorm2d(channels * 4), nn.GELU()]
+            channels *= 4
+        self.mask_downsampler = nn.Sequential(*layers, nn.Conv2d(channels, in_dim, 1))
+        self.pix_feat_proj = nn.Conv2d(in_dim, in_dim, 1)
+        self.fuser = nn.Sequential(nn.Conv2d(in_dim, in_dim, 7, padding=3, groups=in_dim), LayerNorm2d(in_dim),
+                                   nn.Conv2d(in_dim, in_dim, 1), nn.GELU())
+        self.out_proj = nn.Conv2d(in_dim, mem_dim, 1)
+        self.mem_dim = mem_dim
+
+    def forward(self, pix_feat, masks, skip_mask_sigmoid=False):
+        if not skip_mask_sigmoid:
+            masks = torch.sigmoid(masks)
+        masks = self.mask_downsampler(masks)
+        x = self.pix_feat_proj(pix_feat.to(masks.device)) + masks
+        x = self.out_proj(x + self.fuser(x))  # the fuser's CXBlocks are residual
+        pos = sine_position_encoding(self.mem_dim, *x.shape[-2:], x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+        return {"vision_features": x, "vision_pos_enc": [pos]}
+
+
+class TinyMemoryAttentionLayer(nn.Module):
+    """Pre-norm self-attention on the frame, cross-attention to the memory (keys and values of
+    `mem_dim`, position encodings on the keys), MLP: SAM2's MemoryAttentionLayer without RoPE."""
+
+    def __init__(self, d_model, mem_dim, heads=2):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.cross_attn_image = nn.MultiheadAttention(d_model, heads, kdim=mem_dim, vdim=mem_dim, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model))
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(3))
+
+    def forward(self, tgt, memory, memory_pos):
+        x = self.norms[0](tgt)
+        tgt = tgt + self.self_attn(x, x, x, need_weights=False)[0]
+        x = self.norms[1](tgt)
+        tgt = tgt + self.cross_attn_image(x, memory + memory_pos, memory, need_weights=False)[0]
+        return tgt + self.mlp(self.norms[2](tgt))
+
+
+class TinyMemoryAttention(nn.Module):
+    """SAM2's MemoryAttention: the current frame's features (HW, B, C) attend to the memory
+    (M, B, mem_dim: spatial memories of earlier frames, then object-pointer tokens); sequence-first
+    in and out, 0.1 x the position encoding added at the input, a final LayerNorm."""
+
+    def __init__(self, d_model, mem_dim, num_layers=1):
+        super().__init__()
+        self.d_model = d_model
+        self.pos_enc_at_input = True
+        self.layers = nn.ModuleList(TinyMemoryAttentionLayer(d_model, mem_dim) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, curr, memory, curr_pos=None, memory_pos=None, num_obj_ptr_tokens=0):
+        if isinstance(curr, list):
+            curr, curr_pos = curr[0], curr_pos[0]
+        output = curr + 0.1 * curr_pos if self.pos_enc_at_input and curr_pos is not None else curr
+        output, memory, memory_pos = (x.transpose(0, 1) for x in (output, memory, memory_pos))
+        for layer in self.layers:
+            output = layer(output, memory, memory_pos)
+        return self.norm(output).transpose(0, 1)
+
+
 class TinySAM2Base(nn.Module):
     """The SAM2Base methods Sa2VA's training and inference paths call, with SAM2's semantics."""
 
@@ -329,6 +398,18 @@ class TinySAM2Base(nn.Module):
         self.no_mem_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
         self.obj_ptr_proj = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
         self.no_obj_ptr = nn.Parameter(torch.zeros(1, hidden_dim))
+        # video memory (inference only here): SAM2's settings as Sa2VA builds its SAM2VideoPredictor
+        self.num_maskmem = 7  # 1 conditioning + 6 previous frames
+        self.mem_dim = hidden_dim // 4  # SAM2: 64 of 256; an object pointer becomes 4 memory tokens
+        self.max_obj_ptrs_in_encoder = 16
+        self.sigmoid_scale_for_mem_enc, self.sigmoid_bias_for_mem_enc = 20.0, -10.0
+        self.binarize_mask_from_pts_for_mem_enc = False
+        # built from their own seed so that adding them left every other tiny weight as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            self.memory_attention = TinyMemoryAttention(hidden_dim, self.mem_dim)
+            self.memory_encoder = TinyMemoryEncoder(hidden_dim, self.mem_dim)
+            self.maskmem_tpos_enc = nn.Parameter(torch.randn(self.num_maskmem, 1, 1, self.mem_dim) * 0.02)
 
     @property
     def device(self):
@@ -383,6 +464,88 @@ class TinySAM2Base(nn.Module):
         obj_ptr = appearing * obj_ptr + (1 - appearing) * self.no_obj_ptr
         return (low_res_multimasks, high_res_multimasks, ious, low_res_masks, high_res_masks, obj_ptr,
                 object_score_logits)
+
+
+    # -- video tracking: SAM2Base's memory read-out, memory encoding and track_step (forward in time,
+    # memory stride 1, every conditioning frame attended to: SAM2's evaluation settings in Sa2VA)
+
+    def _prepare_memory_conditioned_features(self, frame_idx, is_init_cond_frame, current_vision_feats,
+                                             current_vision_pos_embeds, feat_sizes, output_dict, num_frames,
+                                             track_in_reverse=False):
+        """A conditioning frame: its features + no_mem_embed. Any other frame: its features after memory
+        attention over the conditioning frames' memories (temporal position 0), the memories of the
+        num_maskmem - 1 frames before it, and the object pointers of the conditioning frames up to it
+        and of up to max_obj_ptrs_in_encoder - 1 frames before it."""
+        batch, channels = current_vision_feats[-1].size(1), self.hidden_dim
+        height, width = feat_sizes[-1]
+        if is_init_cond_frame:
+            return (current_vision_feats[-1] + self.no_mem_embed).permute(1, 2, 0).view(batch, channels, height, width)
+        if track_in_reverse:
+            raise NotImplementedError("the tiny SAM2 tracks forward in time only")
+        device = current_vision_feats[-1].device
+        cond, non_cond = output_dict["cond_frame_outputs"], output_dict["non_cond_frame_outputs"]
+        previous = [(0, out) for out in cond.values()]
+        previous += [(t_pos, non_cond.get(frame_idx - (self.num_maskmem - t_pos))) for t_pos in range(1, self.num_maskmem)]
+        memory, memory_pos = [], []
+        for t_pos, prev in previous:
+            if prev is None:
+                continue
+            memory.append(prev["maskmem_features"].to(device).flatten(2).permute(2, 0, 1))
+            pos = prev["maskmem_pos_enc"][-1].to(device).flatten(2).permute(2, 0, 1)
+            memory_pos.append(pos + self.maskmem_tpos_enc[self.num_maskmem - t_pos - 1])
+        pointers = [out["obj_ptr"] for t, out in cond.items() if t <= frame_idx]
+        for t_diff in range(1, min(num_frames, self.max_obj_ptrs_in_encoder)):
+            if frame_idx - t_diff < 0:
+                break
+            out = non_cond.get(frame_idx - t_diff)
+            if out is not None:
+                pointers.append(out["obj_ptr"])
+        num_obj_ptr_tokens = 0
+        if pointers:  # (P, B, C) -> P * C / mem_dim tokens of mem_dim, no temporal encoding (as Sa2VA's SAM2)
+            ptrs = torch.stack(pointers).reshape(-1, batch, channels // self.mem_dim, self.mem_dim)
+            ptrs = ptrs.permute(0, 2, 1, 3).flatten(0, 1)
+            memory.append(ptrs)
+            memory_pos.append(torch.zeros_like(ptrs))
+            num_obj_ptr_tokens = ptrs.shape[0]
+        memory = torch.cat([m.to(current_vision_feats[-1].dtype) for m in memory])
+        pix = self.memory_attention(curr=current_vision_feats, curr_pos=current_vision_pos_embeds, memory=memory,
+                                    memory_pos=torch.cat(memory_pos).to(memory.dtype),
+                                    num_obj_ptr_tokens=num_obj_ptr_tokens)
+        return pix.permute(1, 2, 0).view(batch, channels, height, width)
+
+    def _encode_new_memory(self, current_vision_feats, feat_sizes, pred_masks_high_res, is_mask_from_pts):
+        """The frame's features and its predicted mask (sigmoid x 20 - 10) -> a memory."""
+        batch, channels = current_vision_feats[-1].size(1), self.hidden_dim
+        pix_feat = current_vision_feats[-1].permute(1, 2, 0).view(batch, channels, *feat_sizes[-1])
+        if self.binarize_mask_from_pts_for_mem_enc and is_mask_from_pts and not self.training:
+            mask = (pred_masks_high_res > 0).float()
+        else:
+            mask = torch.sigmoid(pred_masks_high_res)
+        mask = mask * self.sigmoid_scale_for_mem_enc + self.sigmoid_bias_for_mem_enc
+        out = self.memory_encoder(pix_feat, mask.to(pix_feat.dtype), skip_mask_sigmoid=True)
+        return out["vision_features"], out["vision_pos_enc"]
+
+    def track_step(self, frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                   point_inputs, mask_inputs, output_dict, num_frames, track_in_reverse=False, run_mem_encoder=True,
+                   prev_sam_mask_logits=None, language_embd=None):
+        """One frame of tracking, as Sa2VA's SAM2Base.track_step: memory-conditioned features, the SAM
+        heads (with the [SEG] prompt when `language_embd` is given), then optionally a new memory."""
+        if point_inputs is not None or mask_inputs is not None or prev_sam_mask_logits is not None:
+            raise NotImplementedError("the tiny SAM2 takes only Sa2VA's language prompt")
+        high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
+                    for x, s in zip(current_vision_feats[:-1], feat_sizes[:-1])]
+        pix = self._prepare_memory_conditioned_features(frame_idx, is_init_cond_frame, current_vision_feats[-1:],
+                                                        current_vision_pos_embeds[-1:], feat_sizes[-1:], output_dict,
+                                                        num_frames, track_in_reverse)
+        _, _, _, low_res, high_res_masks, obj_ptr, _ = self._forward_sam_heads(
+            pix, high_res_features=high_res, multimask_output=self._use_multimask(is_init_cond_frame, None),
+            language_embd=language_embd)
+        out = dict(point_inputs=None, mask_inputs=None, pred_masks=low_res, pred_masks_high_res=high_res_masks,
+                   obj_ptr=obj_ptr, maskmem_features=None, maskmem_pos_enc=None)
+        if run_mem_encoder and self.num_maskmem > 0:
+            out["maskmem_features"], out["maskmem_pos_enc"] = self._encode_new_memory(
+                current_vision_feats, feat_sizes, high_res_masks, is_mask_from_pts=False)
+        return out
 
 
 class TinySAM2(nn.Module):
