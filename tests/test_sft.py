@@ -114,3 +114,39 @@ def test_resume_after_sigkill_matches_uninterrupted(synth_data, tmp_path):
     a, b = history(str(tmp_path / "full")), history(str(cut))
     assert len(a) == len(b) == 2
     assert abs(a[-1]["mean_dice"] - b[-1]["mean_dice"]) < 1e-4
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(synth_data):
+    """--compile (torch.compile of each LLM decoder layer, LoRA inside) captures forward and backward
+    without changing them: the same loss and the same gradient on every trained tensor. The aot_eager
+    backend runs the captured graphs without generating kernels (inductor's kernels are what the GPU
+    benchmark times; compiling them on this CPU would take a minute)."""
+    import train_sft
+    from common import cli
+    from common.data import VesselDataset, scan_folder
+    from common.forward import forward_batch, full_size_logits
+    from common.losses import segmentation_loss
+    from common.sa2va import Sa2VAProcessor, describe, llm_module
+
+    args = train_sft.parse_args(["--data", synth_data, "--lora_preset", "small", "--lora_dropout", "0"])
+    samples = [VesselDataset(scan_folder(synth_data))[i] for i in (0, 13, 26)]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, tokenizer, _ = cli.setup_model(args, log=lambda *a: None)
+        if compiled:
+            from torch._dynamo.testing import CompileCounterWithBackend
+            counter = CompileCounterWithBackend("aot_eager")
+            assert cli.compile_decoder_layers(llm_module(model), backend=counter) == 2
+        batch = Sa2VAProcessor(describe(model, tokenizer), tokenizer)(samples)
+        out = forward_batch(model, batch, with_text_logits=False)
+        loss = segmentation_loss(full_size_logits(model, out["low_res_logits"], batch["image_sizes"]),
+                                 [m.float() for m in batch["masks"]])["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert counter.frame_count >= 1  # the layers did run as captured graphs
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-5)
+    assert eager_grads.keys() == compiled_grads.keys() and any("lora_B" in n for n in eager_grads)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-6, rtol=1e-4)

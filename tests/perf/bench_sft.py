@@ -38,7 +38,7 @@ from common.engine import all_gather_objects, build_engine, engine_step, init_di
 from common.forward import FeatureCache, forward_batch, full_size_logits, image_embeddings, move_batch, \
     sam_image_features  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
-from common.sa2va import Sa2VAProcessor, describe, unwrap_llm  # noqa: E402
+from common.sa2va import Sa2VAProcessor, describe, llm_module, unwrap_llm  # noqa: E402
 from common.synth import make_video  # noqa: E402
 
 DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 steps and print the top CUDA time by operator and by module scope")
     p.add_argument("--lora_preset", default="medium", help="LoRA preset (train_sft.py's default)")
+    p.add_argument("--lora_dropout", type=float, default=0.05, help="train_sft.py --lora_dropout (0: no dropout op)")
+    p.add_argument("--compile", action="store_true", help="train_sft.py --compile (torch.compile the decoder layers)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per GPU (0: from the GPU name)")
     p.add_argument("--output", default="bench_sft.jsonl", help="append one JSON line per run here")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -135,9 +137,9 @@ def measured_matmul_tflops(device, n=8192, reps=20):
 
 def main(args):
     targs = train_sft.parse_args(["--model", args.model, "--data", "unused", "--lora_preset", args.lora_preset,
-                                  "--batch_size", str(args.batch_size), "--zero_stage", str(args.zero_stage),
-                                  "--num_workers", "0"] + (["--grad_ckpt"] if args.grad_ckpt else [])
-                                 + (["--bf16"] if args.bf16 else []))
+                                  "--lora_dropout", str(args.lora_dropout), "--batch_size", str(args.batch_size),
+                                  "--zero_stage", str(args.zero_stage), "--num_workers", "0"]
+                                 + (["--grad_ckpt"] if args.grad_ckpt else []) + (["--bf16"] if args.bf16 else []))
     deepspeed_on = cli.use_deepspeed(targs)
     rank, world_size, device = init_distributed(deepspeed_on)
     torch.manual_seed(rank)
@@ -146,15 +148,18 @@ def main(args):
     batch = move_batch(synthetic_batch(processor, args.batch_size, args.image_size, seed=rank), device)
     llm_params = sum(p.numel() for n, p in unwrap_llm(model.language_model).named_parameters() if "lora_" not in n)
 
-    # FLOPs on one sample before the engine owns the model (a bf16 copy on the GPU, as the engine will hold it)
+    # FLOPs on one sample before the engine owns the model, held as the engine will hold it: DeepSpeed
+    # bf16 casts everything to bf16; the torch engine (train_sft.py under python) keeps what trains in fp32
     one = move_batch(synthetic_batch(processor, 1, args.image_size, seed=99), device)
-    model.to(device=device, dtype=torch.bfloat16 if args.bf16 and device.type == "cuda" else None)
+    model.to(device=device, dtype=torch.bfloat16 if args.bf16 and deepspeed_on and device.type == "cuda" else None)
     cache = FeatureCache(device, args.feature_cache_gb) if args.feature_cache_gb > 0 else None
     if cache is not None:  # fill: what epoch 1 does
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             forward_batch(model, one, cache)
             forward_batch(model, batch, cache)
     flops_per_sample = count_flops(model, one, device, cache)
+    if args.compile:  # after counting: the FLOP counter does not see inside compiled graphs (the warm-up compiles)
+        cli.compile_decoder_layers(llm_module(model))
     tokens = int(batch["attention_mask"][0].sum())
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -202,7 +207,7 @@ def main(args):
     row = dict(model=args.model, device=name, world_size=world_size, engine="deepspeed" if deepspeed_on else "torch",
                zero_stage=args.zero_stage if deepspeed_on else None, bf16=args.bf16, grad_ckpt=args.grad_ckpt,
                feature_cache=cache is not None,
-               lora_preset=args.lora_preset, batch_per_gpu=args.batch_size, image_size=args.image_size,
+               lora_preset=args.lora_preset, lora_dropout=args.lora_dropout, compiled=args.compile, batch_per_gpu=args.batch_size, image_size=args.image_size,
                tokens_per_sample=tokens, llm_params=llm_params, step_s=step_s, samples_per_s=samples_per_s,
                tokens_per_s=samples_per_s * tokens, peak_gib_per_rank=peaks,
                frozen_encoders_s=frozen_s, frozen_share_of_step=frozen_s / step_s,
@@ -213,7 +218,7 @@ def main(args):
         row["measured_matmul_tflops"] = measured_matmul_tflops(device)
         row["mfu_measured_matmul"] = achieved / row["measured_matmul_tflops"]
     print(f"{os.path.basename(args.model.rstrip('/'))} x{world_size} {row['engine']} zero {row['zero_stage']} "
-          f"ckpt {args.grad_ckpt} cache {cache is not None} batch {args.batch_size}: {step_s * 1000:.0f} ms/step, {samples_per_s:.1f} samples/s, "
+          f"ckpt {args.grad_ckpt} cache {cache is not None} dropout {args.lora_dropout} compile {args.compile} batch {args.batch_size}: {step_s * 1000:.0f} ms/step, {samples_per_s:.1f} samples/s, "
           f"{row['tokens_per_s']:.0f} tokens/s, peak {max(p or 0 for p in peaks):.1f} GiB, "
           f"{flops_per_sample / 1e9:.0f} GFLOP/sample (4N: {row['llm_4n_gflop_per_sample']:.0f}), "
           f"{achieved:.0f} TFLOP/s/GPU, MFU {100 * (row['mfu_datasheet'] or 0):.1f}%; frozen encoders "
