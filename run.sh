@@ -10,10 +10,12 @@
 #   DATA       data folder (images/ + masks/ or annotations.json); default: synthetic videos in $OUT/data
 #   FORMAT     layout of the generated synthetic data: masks | annotations (default masks)
 #   OUT        output folder (default outputs/<preset>)
-#   STAGES     comma list of sft,dpo,hard,ppo,eval,merge (default: all); a finished stage is
+#   STAGES     comma list of sft,dpo,hard,ppo,eval,video,merge (default: all); a finished stage is
 #              skipped, an interrupted one resumes, STAGES=hard re-runs only that one
 #   NUM_GPUS   GPUs per node (default: all visible); HOSTFILE for several nodes
-#   ZERO_STAGE DeepSpeed ZeRO stage (default 2); BF16=1 for bf16
+#   ENGINE     engine of the training scripts under the deepspeed launcher: torch (default; plain-torch data
+#              parallel, fused AdamW: the faster step for LoRA, README "Performance") or deepspeed (ZeRO)
+#   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +25,7 @@ case "$PRESET" in quick|full) ;; *) echo "usage: bash run.sh quick|full" >&2; ex
 MODEL=${MODEL:-tiny}
 OUT=${OUT:-outputs/$PRESET}
 FORMAT=${FORMAT:-masks}
-STAGES=${STAGES:-sft,dpo,hard,ppo,eval,merge}
+STAGES=${STAGES:-sft,dpo,hard,ppo,eval,video,merge}
 ZERO_STAGE=${ZERO_STAGE:-2}
 PYTHON=${PYTHON:-python}
 TINY=0
@@ -63,7 +65,7 @@ if [ "$GPUS" -gt 0 ] && command -v deepspeed >/dev/null 2>&1; then
   NUM_GPUS=${NUM_GPUS:-$GPUS}
   LAUNCH="deepspeed --num_gpus $NUM_GPUS --master_port ${MASTER_PORT:-29513}"
   [ -n "${HOSTFILE:-}" ] && LAUNCH="deepspeed --hostfile $HOSTFILE --master_port ${MASTER_PORT:-29513}"
-  TRAIN_EXTRA="--zero_stage $ZERO_STAGE"
+  TRAIN_EXTRA="--engine ${ENGINE:-torch} --zero_stage $ZERO_STAGE"
 else
   LAUNCH="$PYTHON"
   TRAIN_EXTRA=""
@@ -131,6 +133,21 @@ if wants eval; then
     --output "$OUT/eval" --panel 4 --overlays 2
 fi
 
+if wants video && [ -f "$HARD/stage.json" ]; then
+  banner "SAM2 video memory: per-frame vs video mode, on all validation frames and on the temporal hard clusters"
+  if [ "$($PYTHON -c "import json, os, sys; from common.sa2va import QWENVL, folder_family; m = sys.argv[1]
+print(m == 'tiny-qwenvl' or (os.path.isfile(f'{m}/config.json') and folder_family(json.load(open(f'{m}/config.json'))) == QWENVL))" "$MODEL")" = True ]; then
+    echo "video mode follows the InternVL family's released video inference: skipped for $MODEL"
+  else
+    # the clusters are mined on the validation split with the final model, then both modes are scored there
+    [ -f "$OUT/mine_val/hard_samples.json" ] || \
+      $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$HARD" --split val --output "$OUT/mine_val" $MINE_ARGS
+    $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints "sft=$SFT" \
+      "hard=$HARD" --video_mode --hard_clusters "$OUT/mine_val/hard_samples.json" --output "$OUT/eval_video" \
+      --overlays 0 --no_cldice
+  fi
+fi
+
 if wants merge && [ -f "$HARD/stage.json" ]; then
   banner "merge: fold LoRA + trained heads of the stage-3 model into a standalone checkpoint, and check it"
   $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
@@ -138,4 +155,8 @@ fi
 
 banner "done in $(( $(date +%s) - START )) s"
 [ -f "$OUT/eval/stage_table.md" ] && cat "$OUT/eval/stage_table.md"
+if [ -f "$OUT/eval_video/stage_table.md" ]; then
+  printf '\nSAM2 video memory (validation):\n'
+  tail -n 4 "$OUT/eval_video/stage_table.md"
+fi
 echo "outputs: $OUT (eval/metrics.csv, eval/summary.json, eval/panel.png, mine/hard_samples.json, merged/)"

@@ -41,9 +41,11 @@ def test_stage_table_comes_from_the_evaluation_files(quick_run):
     out, stdout = quick_run
     with open(os.path.join(out, "eval", "summary.json")) as f:
         summary = json.load(f)["checkpoints"]
-    rows = [line for line in stdout.splitlines() if re.match(r"^\| (base|sft|dpo|hard|ppo) \|", line)]
-    assert [r.split("|")[1].strip() for r in rows[-5:]] == ["base", "sft", "dpo", "hard", "ppo"]
-    for row in rows[-5:]:
+    lines = stdout.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("| stage | checkpoint |"))
+    rows = lines[header + 2:header + 7]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "sft", "dpo", "hard", "ppo"]
+    for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         s = summary[cells[0]]
         assert float(cells[2]) == pytest.approx(s["mean_dice"], abs=5e-5)
@@ -54,6 +56,25 @@ def test_stage_table_comes_from_the_evaluation_files(quick_run):
     with open(os.path.join(out, "eval", "metrics.csv")) as f:
         sft = [float(r["dice"]) for r in csv.DictReader(f) if r["checkpoint"] == "sft"]
     assert sum(sft) / len(sft) == pytest.approx(summary["sft"]["mean_dice"], abs=1e-6)
+
+
+def test_video_memory_table_comes_from_its_evaluation_files(quick_run):
+    """The per-frame vs video-mode table (SAM2 memory) printed at the end is eval_video/summary.json's."""
+    out, stdout = quick_run
+    with open(os.path.join(out, "eval_video", "summary.json")) as f:
+        summary = json.load(f)["checkpoints"]
+    assert list(summary) == ["sft", "sft+video", "hard", "hard+video"]
+    lines = stdout.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("| checkpoint | per-frame Dice |"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:header + 4]]
+    assert [r[0] for r in rows] == ["sft", "hard"]
+    for cells in rows:
+        frame, video = summary[cells[0]], summary[cells[0] + "+video"]
+        assert float(cells[1]) == pytest.approx(frame["mean_dice"], abs=5e-5)
+        assert float(cells[2]) == pytest.approx(video["mean_dice"], abs=5e-5)
+        assert float(cells[5]) == pytest.approx(frame["cluster_mean_dice"], abs=5e-5)
+        assert float(cells[6]) == pytest.approx(video["cluster_mean_dice"], abs=5e-5)
+        assert int(cells[4]) == frame["cluster_frames"] == video["cluster_frames"]
 
 
 def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_settings(tiny_folder, synth_data, tmp_path):

@@ -8,13 +8,15 @@
 #   bash tests/perf/run_gpu.sh cached   # 4B SFT step as from epoch 2 (frozen encoders served by the cache)
 #   bash tests/perf/run_gpu.sh qwenvl   # released Qwen-VL-family class: parity and an SFT step
 #   bash tests/perf/run_gpu.sh big      # 26B shape on one GPU (needs ~80+ GiB: H200)
+#   bash tests/perf/run_gpu.sh video    # SAM2 video memory: parity with the released video inference, frames/s
+#   bash tests/perf/run_gpu.sh engine   # 4B SFT step: torch engine (fused AdamW) vs DeepSpeed ZeRO 0/2, cached
 #
 # Needs the released Sa2VA InternVL-family HF code in $SA2VA_CODE (not part of this repository)
 # and deepspeed. Results (JSON lines, logs) go to $RESULTS. Each step has its own time limit,
 # so one slow step does not take the others down with it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PHASE=${1:?phase: parity | single | multi | cached | qwenvl | big}
+PHASE=${1:?phase: parity | single | multi | cached | qwenvl | big | video | engine}
 SA2VA_CODE=${SA2VA_CODE:-.sa2va_code}
 RESULTS=${RESULTS:-perf_results}
 WORK=${WORK:-/tmp/sa2va_perf}
@@ -86,6 +88,25 @@ big)
   build 26b
   sft 26b_b4_ckpt 1 --model "$WORK/m_26b" --batch_size 4 --grad_ckpt
   sft 26b_b8_ckpt 1 --model "$WORK/m_26b" --batch_size 8 --grad_ckpt
+  ;;
+video)  # released-class tiny (taught [SEG]): masks vs predict_forward(video=); 1B shape: frames/s at release sizes
+  build tiny
+  step video_tiny 240 python tests/perf/bench_infer.py --model "$WORK/m_tiny" --bf16 --frames 32 --batch_size 8 \
+    --video_mode --output "$RESULTS/infer_video.jsonl"
+  build 1b
+  step video_1b 300 python tests/perf/bench_infer.py --model "$WORK/m_1b" --bf16 --frames 32 --batch_size 8 \
+    --video_mode --output "$RESULTS/infer_video.jsonl"
+  ;;
+engine)  # where the cached 4B step's host time goes: engines and optimizer kinds
+  build 4b
+  step sft_4b_torch_cached 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
+    --feature_cache_gb 40 --output "$RESULTS/sft.jsonl"
+  step sft_4b_torch_cached_nodrop 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
+    --feature_cache_gb 40 --lora_dropout 0 --output "$RESULTS/sft.jsonl"
+  sft 4b_b16_cached_zero2 1 --model "$WORK/m_4b" --batch_size 16 --feature_cache_gb 40 --zero_stage 2
+  sft 4b_b16_cached_zero0 1 --model "$WORK/m_4b" --batch_size 16 --feature_cache_gb 40 --zero_stage 0
+  step sft_4b_torch 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
+    --output "$RESULTS/sft.jsonl"
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
