@@ -16,6 +16,7 @@
 #   ENGINE     engine of the training scripts under the deepspeed launcher: torch (default; plain-torch data
 #              parallel, fused AdamW: the faster step for LoRA, README "Performance") or deepspeed (ZeRO)
 #   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
+#   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -97,6 +98,7 @@ fi
 
 if wants sft; then
   banner "stage 1: LoRA SFT (Dice + BCE through the forward path)"
+  [ "${COMPILE:-0}" = 1 ] && SFT_ARGS="$SFT_ARGS --compile"
   train sft train_sft.py $SFT_ARGS
 fi
 SFT=$(run_dir sft)/best
