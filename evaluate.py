@@ -20,7 +20,6 @@ writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, o
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
 and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
 """
-import contextlib
 import csv
 import json
 import os
@@ -29,19 +28,18 @@ import re
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from common import cli
 from common.data import (ANNOTATIONS_FILE, EvalSampler, VesselDataset, list_images, parse_video, read_image,
                          select_split)
 from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
                            write_json)
-from common.evaluation import METRICS, predict_probabilities, score_loader, score_videos, summarize, video_groups
+from common.evaluation import METRICS, predict_probabilities, score_loader, score_videos, summarize, video_probabilities
 from common.forward import move_batch
 from common.lora import load_stage
 from common.rewards import cldice
 from common.sa2va import SEG, Sa2VAProcessor, describe, load_model, predict
-from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model, segment_video
+from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model
 
 
 def parse_args(argv=None):
@@ -117,6 +115,11 @@ def stage_table(summary):
                      f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} |")
         previous = s["mean_dice"]
     return "\n".join(lines)
+
+
+def bf16_autocast(args, device):
+    """A bf16 autocast factory for --bf16 on a GPU, else None (what score_loader and friends take)."""
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
 
 
 def video_table(summary):
@@ -233,22 +236,17 @@ def predict_frames(args, rank, world_size, device):
                              "one answer for the whole video); drop --answer_mode generate")
         check_video_model(model)
         processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
-        videos = video_groups([parse_video(k, args.video_regex) for k in dataset.keys])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and device.type == "cuda" else \
-            contextlib.nullcontext()
-        for indices in tqdm(list(videos.values())[rank::world_size], desc="videos", disable=not is_main()):
-            images = [dataset[i]["image"] for i in indices]
-            with autocast:
-                video_probs = segment_video(model, processor, images, device, args.video_prompt, args.clip_frames,
-                                            args.batch_size)
-            for i, image, probs in zip(indices, images, video_probs):
-                probs = probs.float().cpu().numpy()
-                records.append(dict(save(dataset.keys[i], image, probs > args.threshold, probs), seg_found=True))
+        frame_ids = [parse_video(k, args.video_regex) for k in dataset.keys]
+        for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device,
+                                                    bf16_autocast(args, device), prompt=args.video_prompt,
+                                                    clip_frames=args.clip_frames, chunk=args.batch_size):
+            probs = probs.numpy()
+            records.append(dict(save(sample["key"], sample["image"], probs > args.threshold, probs), seg_found=True))
     elif args.answer_mode == "fixed":
         processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor,
                                              num_workers=args.num_workers)
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
+        autocast = bf16_autocast(args, device)
         for batch in loader:
             for key, index, probs in zip(batch["keys"], batch["index"].tolist(),
                                          predict_probabilities(model, move_batch(batch, device), autocast=autocast)):
@@ -321,7 +319,7 @@ def main(args):
         processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                              collate_fn=processor, num_workers=args.num_workers)
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
+        autocast = bf16_autocast(args, device)
         for mode in ("frame", "video") if args.video_mode else ("frame",):
             name = base_name if mode == "frame" else f"{base_name}+video"
             if mode == "frame":

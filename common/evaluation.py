@@ -14,6 +14,7 @@ from tqdm import tqdm
 from common.engine import all_gather_objects, is_main
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.rewards import metrics_from_counts, overlap_counts
+from common.video import segment_video
 
 METRICS = ("dice", "iou", "precision", "recall")
 
@@ -76,24 +77,33 @@ def video_groups(frame_ids):
 
 
 @torch.no_grad()
+def video_probabilities(model, processor, frame_ids, load, device, autocast=None, desc="videos", **video_args):
+    """Yields (position, sample, probabilities (H, W) float32 on the CPU) for every frame of this rank's
+    share of the videos, segmented with SAM2's video memory (`common.video.segment_video`). Videos are
+    sharded over ranks whole (a video's memory needs all its frames on one rank). frame_ids: (video,
+    frame index) per position; load(position) -> a sample dict with `image`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for positions in tqdm(list(video_groups(frame_ids).values())[rank::world], desc=desc, leave=False,
+                          disable=not is_main()):
+        samples = [load(i) for i in positions]
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
+        for i, s, p in zip(positions, samples, probs):
+            yield i, s, p.float().cpu()
+
+
+@torch.no_grad()
 def score_videos(model, processor, dataset, device, thresholds=(0.5,), autocast=None, desc="scoring videos",
                  keep_probs=False, **video_args):
-    """score_loader's records with SAM2's video memory (`common.video.segment_video`): whole videos,
-    sharded over ranks by video (a video's memory needs all its frames on one rank)."""
-    from common.video import segment_video
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    """score_loader's records, the frames segmented video by video with SAM2's memory."""
     thresholds = torch.tensor(thresholds, dtype=torch.float32)
     records, probs_out = [], {}
-    videos = list(video_groups([(f.video, f.frame) for f in dataset.frames]).values())[rank::world]
-    for indices in tqdm(videos, desc=desc, leave=False, disable=not is_main()):
-        samples = [dataset[i] for i in indices]
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            video_probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
-        for i, s, probs in zip(indices, samples, video_probs):
-            probs = probs.float().cpu()
-            records.append(frame_record(s["key"], i, probs, s["mask"], thresholds))
-            if keep_probs:
-                probs_out[s["key"]] = probs
+    frame_ids = [(f.video, f.frame) for f in dataset.frames]
+    for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device, autocast,
+                                                desc, **video_args):
+        records.append(frame_record(sample["key"], i, probs, sample["mask"], thresholds))
+        if keep_probs:
+            probs_out[sample["key"]] = probs
     records = gather_records(records)
     return (records, probs_out) if keep_probs else records
 

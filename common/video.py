@@ -54,20 +54,29 @@ def clip_seg_embedding(model, processor, frames, device, clip_frames=RELEASED_CL
     return model.text_hidden_fcs(seg_hidden.to(model_dtype(model.text_hidden_fcs)))[0]
 
 
+def memory_reach(sam):
+    """How many frames back SAM2's memory read-out looks: object pointers of up to
+    max_obj_ptrs_in_encoder - 1 frames, spatial memories of num_maskmem - 1 frames (x the stride)."""
+    return max(sam.max_obj_ptrs_in_encoder, sam.num_maskmem * getattr(sam, "memory_temporal_stride_for_eval", 1))
+
+
 @torch.no_grad()
 def track_video(model, seg_embed, g_pixel_values, prompt="first", cond_frames=RELEASED_CLIP_FRAMES, chunk=8):
     """Low-res mask logits (N, 1, h, w), float32, of the N frames of one video, in order.
 
     seg_embed: (C,) [SEG] prompt embedding; g_pixel_values: (N, 3, S, S) uint8 SAM2 inputs (the
-    processor's `sam_pixels`) on the model's device. prompt="first": frames 0..cond_frames-1 are
-    prompted conditioning frames, later frames are tracked from memory alone (the released
-    inference); "every": frame 0 is the conditioning frame, every later frame gets memory + prompt."""
+    processor's `sam_pixels`), on any device (moved a chunk at a time). prompt="first": frames
+    0..cond_frames-1 are prompted conditioning frames, later frames are tracked from memory alone (the
+    released inference); "every": frame 0 is the conditioning frame, every later frame gets memory +
+    prompt. Memory stays bounded on long videos: outputs older than the furthest frame SAM2 reads
+    back (object pointers, 15 frames) are dropped, which the released predictor keeps for the whole video."""
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
     encoder = model.grounding_encoder
     sam = encoder.sam2_model
-    device = g_pixel_values.device
+    device = seg_embed.device
     num_frames = len(g_pixel_values)
+    reach = memory_reach(sam)
     cond = range(min(cond_frames if prompt == "first" else 1, num_frames))
     # the released SAM2VideoPredictor stores memories in bf16 (it runs under bf16 autocast on a GPU)
     storage = torch.bfloat16 if device.type == "cuda" else None
@@ -76,7 +85,8 @@ def track_video(model, seg_embed, g_pixel_values, prompt="first", cond_frames=RE
     logits = []
     with sam_autocast(device):
         for start in range(0, num_frames, chunk):
-            x = encoder.preprocess_image(g_pixel_values[start:start + chunk].to(model_dtype(sam.image_encoder)))
+            x = g_pixel_values[start:start + chunk].to(device, non_blocking=True)
+            x = encoder.preprocess_image(x.to(model_dtype(sam.image_encoder)))
             backbone = sam.forward_image(x)
             for i in range(len(x)):
                 t = start + i
@@ -100,6 +110,7 @@ def track_video(model, seg_embed, g_pixel_values, prompt="first", cond_frames=RE
                 memory["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][t] = dict(
                     maskmem_features=features.to(storage or features.dtype), maskmem_pos_enc=features_pos,
                     pred_masks=masks, obj_ptr=out["obj_ptr"].float() if is_cond else out["obj_ptr"])
+                memory["non_cond_frame_outputs"].pop(t - reach, None)
                 logits.append(masks)
     return torch.cat(logits)
 
@@ -108,7 +119,7 @@ def track_video(model, seg_embed, g_pixel_values, prompt="first", cond_frames=RE
 def segment_video(model, processor, frames, device, prompt="first", clip_frames=RELEASED_CLIP_FRAMES, chunk=8):
     """Vessel probabilities (H, W) float32 for every PIL frame of one video, in order."""
     seg_embed = clip_seg_embedding(model, processor, frames, device, clip_frames)
-    g_pixels = torch.stack([processor.sam_pixels(f) for f in frames]).to(device)
+    g_pixels = torch.stack([processor.sam_pixels(f) for f in frames])
     low_res = track_video(model, seg_embed, g_pixels, prompt, clip_frames, chunk)
     sam_size = model.grounding_encoder.sam2_model.image_size
     return [upsample_logits(low_res[t:t + 1], frames[t].size[::-1], sam_size)[0].sigmoid()

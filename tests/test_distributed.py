@@ -64,14 +64,16 @@ def rows(path):
 
 
 def test_evaluate_on_two_processes_equals_one_process(synth_data, tmp_path):
-    """7 validation frames (odd: one rank gets 4, the other 3), batch 1 so each frame's numbers
-    are computed identically: the per-frame CSV and the summary must be equal exactly."""
-    common = ["evaluate.py", "--data", synth_data, "--max_val_samples", "7", "--batch_size", "1", "--num_workers", "0",
-              "--no_cldice"]
+    """17 validation frames (one video of 12, one of 5: odd, and the ranks get unequal shares), batch 1
+    so each frame's numbers are computed identically, per frame and with --video_mode (which shards
+    whole videos over the ranks): the per-frame CSV and the summary must be equal exactly."""
+    common = ["evaluate.py", "--data", synth_data, "--max_val_samples", "17", "--batch_size", "1", "--num_workers", "0",
+              "--no_cldice", "--overlays", "0", "--video_mode"]
     launch(common + ["--output", str(tmp_path / "one")], world_size=1)
     launch(common + ["--output", str(tmp_path / "two")], world_size=2)
     one, two = rows(tmp_path / "one" / "metrics.csv"), rows(tmp_path / "two" / "metrics.csv")
-    assert len(one) == 7 and len({r["sample"] for r in one}) == 7
+    assert len(one) == 34 and {r["checkpoint"] for r in one} == {"base", "base+video"}
+    assert len({r["sample"] for r in one}) == 17
     assert one == two
     with open(tmp_path / "one" / "summary.json") as f, open(tmp_path / "two" / "summary.json") as g:
         s1, s2 = json.load(f)["checkpoints"], json.load(g)["checkpoints"]
@@ -90,3 +92,4 @@ def test_mine_hard_on_two_processes_writes_the_one_process_hard_list(synth_data,
     one, two = reports
     assert one["samples"] == two["samples"] and one["samples"] > 0
     assert one["hard"] == two["hard"] and one["scores"] == two["scores"] and one["clusters"] == two["clusters"]
+

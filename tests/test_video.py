@@ -79,6 +79,20 @@ def test_batching_the_image_encoder_does_not_change_the_masks(tiny):
                                atol=1e-5, rtol=0)
 
 
+def test_dropping_memories_beyond_the_read_out_changes_nothing(tiny, monkeypatch):
+    """A long video keeps only the outputs SAM2 can still read (16 frames back): the same masks as
+    keeping every frame's memory."""
+    import common.video
+    model, processor = tiny
+    images, _ = video_frames(22, 64, seed=3)
+    embed = clip_seg_embedding(model, processor, images, CPU)
+    pixels = torch.stack([processor.sam_pixels(f) for f in images])
+    assert common.video.memory_reach(model.grounding_encoder.sam2_model) == 16
+    bounded = track_video(model, embed, pixels, cond_frames=1, chunk=5)
+    monkeypatch.setattr(common.video, "memory_reach", lambda sam: 10 ** 9)
+    assert torch.equal(track_video(model, embed, pixels, cond_frames=1, chunk=5), bounded)
+
+
 def test_first_frame_equals_per_frame_mode_when_the_llm_sees_the_same_input(tiny):
     """Video mode's [SEG] comes from a prompt with the clip's first frames, each one plain-resized tile;
     per-frame mode tiles each frame dynamically. With a one-frame clip of a frame that is a single tile
