@@ -14,7 +14,9 @@ checkpoints:
 - `grounding_encoder.sam2_model` has SAM2's training-path methods with SAM2's semantics
   (`image_encoder`, `forward_image`, `_prepare_backbone_features`, `no_mem_embed`,
   `_use_multimask`, `_forward_sam_heads` returning the same 7-tuple, a mask decoder with
-  `conv_s0/conv_s1`, 1 + 3 mask tokens, IoU and object-score heads);
+  `conv_s0/conv_s1`, 1 + 3 mask tokens, IoU and object-score heads) and the video-memory ones
+  (`memory_attention`, `memory_encoder`, `_prepare_memory_conditioned_features`,
+  `_encode_new_memory`, `track_step`; random, untrained: inference plumbing for `common.video`);
 - `predict_forward` follows the released one step by step: template INSTRUCTION only, dynamic
   tiling, ImageNet normalisation, greedy `generate`, the hidden state at the `[SEG]` fed as
   input, SAM2 at `image_size`, low-res logits -> bilinear to `image_size` -> bilinear to the
