@@ -19,6 +19,11 @@ Frames without ground truth (a folder of images with no masks/ or annotations.js
 writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, one animated
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
 and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
+
+--video_mode segments each video with SAM2's memory across frames, as the released Sa2VA video
+inference does (common/video.py): on a labelled folder every checkpoint is scored per frame and in
+video mode (rows NAME and NAME+video; --hard_clusters adds the temporal hard clusters' mean Dice),
+on an unlabelled one the masks, overlays and GIFs come from video mode.
 """
 import csv
 import json

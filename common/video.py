@@ -48,6 +48,8 @@ def check_video_model(model):
 def clip_seg_embedding(model, processor, frames, device, clip_frames=RELEASED_CLIP_FRAMES):
     """The [SEG] prompt embedding (C,) of a video: the teacher-forced answer after the prompt with the
     first `clip_frames` frames, then `text_hidden_fcs`."""
+    if clip_frames < 1:
+        raise ValueError(f"clip_frames must be at least 1 (the LLM needs a frame to see), got {clip_frames}")
     clip = frames[:clip_frames]
     batch = move_batch(processor([dict(image=clip[0], frames=clip, key=None)]), device)
     seg_hidden, _ = llm_forward(model, batch)

@@ -157,3 +157,10 @@ def test_video_mode_refuses_generate_answers_and_the_qwenvl_family(synth_data, t
     with pytest.raises(ValueError, match="Qwen-VL"):
         evaluate.main(evaluate.parse_args(["--model", "tiny-qwenvl", "--data", folder, "--output", str(tmp_path / "q"),
                                            "--num_workers", "0", "--video_mode"]))
+
+
+def test_a_clip_without_frames_is_refused(tiny):
+    model, processor = tiny
+    images, _ = video_frames(3, 56)
+    with pytest.raises(ValueError, match="clip_frames must be at least 1"):
+        segment_video(model, processor, images, CPU, clip_frames=0)
