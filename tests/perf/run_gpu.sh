@@ -9,7 +9,7 @@
 #   bash tests/perf/run_gpu.sh qwenvl   # released Qwen-VL-family class: parity and an SFT step
 #   bash tests/perf/run_gpu.sh big      # 26B shape on one GPU (needs ~80+ GiB: H200)
 #   bash tests/perf/run_gpu.sh video    # SAM2 video memory: parity with the released video inference, frames/s
-#   bash tests/perf/run_gpu.sh engine   # 4B SFT step: torch engine (fused AdamW) vs DeepSpeed ZeRO 0/2, cached
+#   bash tests/perf/run_gpu.sh engine   # 4B SFT step: torch engine (fused AdamW, --compile) vs DeepSpeed ZeRO 0/2
 #
 # Needs the released Sa2VA InternVL-family HF code in $SA2VA_CODE (not part of this repository)
 # and deepspeed. Results (JSON lines, logs) go to $RESULTS. Each step has its own time limit,
@@ -97,16 +97,22 @@ video)  # released-class tiny (taught [SEG]): masks vs predict_forward(video=); 
   step video_1b 300 python tests/perf/bench_infer.py --model "$WORK/m_1b" --bf16 --frames 32 --batch_size 8 \
     --video_mode --output "$RESULTS/infer_video.jsonl"
   ;;
-engine)  # where the cached 4B step's host time goes: engines and optimizer kinds
+engine)  # the README's "LLM step made fast" table: engines, dropout, batch, --compile (4B shape, one GPU)
   build 4b
-  step sft_4b_torch_cached 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
-    --feature_cache_gb 40 --output "$RESULTS/sft.jsonl"
-  step sft_4b_torch_cached_nodrop 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
-    --feature_cache_gb 40 --lora_dropout 0 --output "$RESULTS/sft.jsonl"
+  torch_sft() {  # torch_sft NAME ARGS...: bench_sft under plain python = train_sft.py's torch engine
+    local name=$1; shift
+    step "sft_4b_torch_$name" 300 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --output "$RESULTS/sft.jsonl" "$@"
+  }
   sft 4b_b16_cached_zero2 1 --model "$WORK/m_4b" --batch_size 16 --feature_cache_gb 40 --zero_stage 2
   sft 4b_b16_cached_zero0 1 --model "$WORK/m_4b" --batch_size 16 --feature_cache_gb 40 --zero_stage 0
-  step sft_4b_torch 240 python tests/perf/bench_sft.py --bf16 --model "$WORK/m_4b" --batch_size 16 \
-    --output "$RESULTS/sft.jsonl"
+  torch_sft b16_cached --batch_size 16 --feature_cache_gb 40
+  torch_sft b32_cached_nodrop --batch_size 32 --feature_cache_gb 60 --lora_dropout 0
+  torch_sft b48_cached_nodrop --batch_size 48 --feature_cache_gb 60 --lora_dropout 0
+  torch_sft b32_cached_compile --batch_size 32 --feature_cache_gb 60 --lora_dropout 0 --compile --warmup 3
+  torch_sft b48_cached_compile --batch_size 48 --feature_cache_gb 60 --lora_dropout 0 --compile --warmup 3
+  torch_sft b16 --batch_size 16
+  torch_sft b32_compile --batch_size 32 --lora_dropout 0 --compile --warmup 3
+  torch_sft b32_cached_profile --batch_size 32 --feature_cache_gb 60 --lora_dropout 0 --profile
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
