@@ -194,7 +194,8 @@ def main(args):
                     engine_step(engine)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
-    frozen_s = frozen_encoders_seconds(model, batch, engine.autocast)
+    # with a warm cache the step runs no frozen encoder, so their time is no share of it
+    frozen_s = None if cache is not None else frozen_encoders_seconds(model, batch, engine.autocast)
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     peaks = all_gather_objects(peak_gib)
     if not is_main():
@@ -210,7 +211,7 @@ def main(args):
                lora_preset=args.lora_preset, lora_dropout=args.lora_dropout, compiled=args.compile, batch_per_gpu=args.batch_size, image_size=args.image_size,
                tokens_per_sample=tokens, llm_params=llm_params, step_s=step_s, samples_per_s=samples_per_s,
                tokens_per_s=samples_per_s * tokens, peak_gib_per_rank=peaks,
-               frozen_encoders_s=frozen_s, frozen_share_of_step=frozen_s / step_s,
+               frozen_encoders_s=frozen_s, frozen_share_of_step=None if frozen_s is None else frozen_s / step_s,
                counted_gflop_per_sample=flops_per_sample / 1e9, llm_4n_gflop_per_sample=4 * llm_params * tokens / 1e9,
                tflops_per_gpu=achieved, datasheet_peak_tflops=peak or None,
                mfu_datasheet=achieved / peak if peak else None, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
@@ -221,8 +222,9 @@ def main(args):
           f"ckpt {args.grad_ckpt} cache {cache is not None} dropout {args.lora_dropout} compile {args.compile} batch {args.batch_size}: {step_s * 1000:.0f} ms/step, {samples_per_s:.1f} samples/s, "
           f"{row['tokens_per_s']:.0f} tokens/s, peak {max(p or 0 for p in peaks):.1f} GiB, "
           f"{flops_per_sample / 1e9:.0f} GFLOP/sample (4N: {row['llm_4n_gflop_per_sample']:.0f}), "
-          f"{achieved:.0f} TFLOP/s/GPU, MFU {100 * (row['mfu_datasheet'] or 0):.1f}%; frozen encoders "
-          f"{100 * frozen_s / step_s:.0f}% of the step", flush=True)
+          f"{achieved:.0f} TFLOP/s/GPU, MFU {100 * (row['mfu_datasheet'] or 0):.1f}%"
+          + ("; frozen encoders served by the cache" if frozen_s is None else
+             f"; frozen encoders {100 * frozen_s / step_s:.0f}% of the step"), flush=True)
     with open(args.output, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
