@@ -18,6 +18,9 @@ from common.lora import apply_lora, set_trainable  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
 from common.sa2va import Sa2VAProcessor, describe, load_model  # noqa: E402
 
+ADAM_EPS = 1.0
+LR = 1e-3
+
 
 def main(data, out, per_process):
     rank, world_size, device = init_distributed(False)
@@ -30,8 +33,14 @@ def main(data, out, per_process):
     mine = [frames[i] for i in range(rank * per_process, (rank + 1) * per_process)]
     batch = Sa2VAProcessor(describe(model, tokenizer), tokenizer)(mine)
     params = [p for p in model.parameters() if p.requires_grad]
-    args = SimpleNamespace(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0, grad_accum=1, grad_clip=1.0, bf16=False)
+    args = SimpleNamespace(lr=LR, weight_decay=0.0, warmup_ratio=0.0, grad_accum=1, grad_clip=1.0, bf16=False)
     engine = build_engine(model, params, args, 10, device, False, world_size)
+    # AdamW's first step is lr * g / (|g| + eps): with the default eps 1e-8 it maps a float32
+    # rounding difference in a near-zero gradient element to a parameter change of up to lr.
+    # With eps = 1 the step is lr * g / (|g| + 1), whose slope in g is at most lr: two gradients
+    # that agree to float32 rounding give parameters that agree to lr times that rounding.
+    for group in engine.optimizer.param_groups:
+        group["eps"] = ADAM_EPS
     names = {id(p): n for n, p in model.named_parameters()}
     grads, optimizer_step = {}, engine.optimizer.step
 
