@@ -41,7 +41,7 @@ from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
                            is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions,
                            write_json)
-from common.evaluation import validate
+from common.evaluation import collapse_warning, validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
@@ -205,7 +205,8 @@ def main(args):
         logger.record(state["step"], {f"val/{k}": v for k, v in metrics.items()})
         logger.line(f"{tag} val: dice {metrics['mean_dice']:.4f} recall {metrics['mean_recall']:.4f} precision "
                     f"{metrics['mean_precision']:.4f} | held-out pairs: " +
-                    " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("held_")))
+                    " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("held_")) +
+                    f" {collapse_warning(metrics)}")
         if metrics["mean_dice"] > state["best_dice"]:
             state.update(best_dice=metrics["mean_dice"], best_step=state["step"], since_best=0)
             if is_main():

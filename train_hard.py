@@ -33,7 +33,7 @@ from common import cli
 from common.data import DataError, EvalSampler, VesselDataset, build_splits, frame_mask, image_size
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
-from common.evaluation import METRICS, score_loader, summarize
+from common.evaluation import METRICS, collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss
@@ -64,9 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--iterations", type=int, default=1,
                    help="rounds of --epochs epochs; each round after the first re-mines the train split with the "
                         "current model")
-    g = p.add_argument_group("loss")
-    g.add_argument("--dice_weight", type=float, default=1.0, help="weight of the soft Dice loss")
-    g.add_argument("--bce_weight", type=float, default=0.5, help="weight of the per-pixel BCE loss")
+    cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=0.5, pos_weight_default="1")
     return p.parse_args(argv)
 
 
@@ -179,14 +177,15 @@ def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args,
     return dataset, len(new), sum(view_key(frames[i].key, v) not in dataset.cached for i, v in set(items))
 
 
-def hard_loss(model, batch, device, cache, dice_weight, bce_weight, autocast=contextlib.nullcontext):
+def hard_loss(model, batch, device, cache, dice_weight, bce_weight, pos_weight=None,
+              autocast=contextlib.nullcontext):
     """dict(loss, dice, bce) of one batch through the forward path (frozen features from `cache`)."""
     masks = [m.to(device).float() for m in batch["masks"]]
     batch = move_batch(batch, device)
     with autocast():
         out = forward_batch(model, batch, cache)
     logits = full_size_logits(model, out["low_res_logits"], batch["image_sizes"])
-    return segmentation_loss(logits, masks, dice_weight, bce_weight)
+    return segmentation_loss(logits, masks, dice_weight, bce_weight, pos_weight)
 
 
 def read_hard_list(path, train_frames, val_frames, log):
@@ -292,6 +291,19 @@ def main(args):
                 f"procs; ~{total_steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} (its [SEG] states "
                 f"{'are' if llm_is_frozen(model) else 'are not'} cached)")
 
+    def meta(epoch, metrics):
+        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
+                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer,
+                    hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]])
+
+    def keep_if_best(epoch, val):
+        """best/ = the best validated model on the whole val split, the starting one (epoch 0) included:
+        the stage never ends below its start."""
+        if val["val"]["mean_dice"] > state["best_dice"]:
+            state["best_dice"], state["best_epoch"] = val["val"]["mean_dice"], epoch
+            if is_main():
+                save_stage(model, os.path.join(run_dir, "best"), save_parts, meta(epoch, val), gather_for_save(engine))
+
     # ---- resume, or score the val split once with the starting model (hard/easy parts)
     if args.resume:
         state = load_trainer_state(engine, run_dir, state, logger.line)
@@ -299,13 +311,9 @@ def main(args):
         records = score_loader(model, val_loader, device, (args.threshold,), autocast=engine.autocast, desc="val")
         state["val_hard"] = sorted(r["key"] for r in records if r["dice"][0] < args.threshold_hard)
         state["initial_val"] = subset_metrics(records, set(state["val_hard"]), args.threshold)
-        logger.line(f"initial val: {describe_val(state['initial_val'])}")
+        logger.line(f"initial val: {describe_val(state['initial_val'])} {collapse_warning(state['initial_val']['val'])}")
+        keep_if_best(0, state["initial_val"])
     val_hard = set(state["val_hard"])
-
-    def meta(epoch, metrics):
-        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
-                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer,
-                    hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]])
 
     # ---- training: rounds of (hard set, epochs)
     t_start, fill_cache = time.time(), llm_is_frozen(model) and args.feature_cache_gb > 0
@@ -340,7 +348,8 @@ def main(args):
             window, t_window, seen = [], time.time(), 0
             hits_before = cache.hits["fpn"]
             for batch in loader:
-                losses = hard_loss(model, batch, device, cache, args.dice_weight, args.bce_weight, engine.autocast)
+                losses = hard_loss(model, batch, device, cache, args.dice_weight, args.bce_weight, args.bce_pos_weight,
+                                   engine.autocast)
                 engine.backward(finite_or_zero(losses["loss"], params, state, args.max_bad_steps, logger.line))
                 stepped = engine_step(engine)
                 state["micro_in_epoch"] += 1
@@ -375,12 +384,8 @@ def main(args):
                                           for m in METRICS} | {"cache/entries": len(cache),
                                                                "cache/seg_hidden_hits": cache.hits["seg_hidden"],
                                                                "train/epoch_seconds": train_seconds})
-            logger.line(f"epoch {epoch + 1} val: {describe_val(val)}")
-            if val["val"]["mean_dice"] > state["best_dice"]:
-                state["best_dice"], state["best_epoch"] = val["val"]["mean_dice"], epoch + 1
-                if is_main():
-                    save_stage(model, os.path.join(run_dir, "best"), save_parts, meta(epoch + 1, val),
-                               gather_for_save(engine))
+            logger.line(f"epoch {epoch + 1} val: {describe_val(val)} {collapse_warning(val['val'])}")
+            keep_if_best(epoch + 1, val)
             state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
             save_trainer_state(engine, run_dir, state)
         state["round"], state["epoch"], state["hard"] = state["round"] + 1, 0, None

@@ -60,7 +60,7 @@ from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, save_trainer_state,
                            start_run, versions, write_json)
-from common.evaluation import score_loader, summarize
+from common.evaluation import collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
 from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
@@ -305,12 +305,20 @@ def main(args):
 
     def val_line(name, val):
         return (f"{name}: reward {val['mean_reward']:.4f} dice {val['mean_dice']:.4f} recall "
-                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f}")
+                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f} {collapse_warning(val)}")
+
+    def keep_if_best(epoch, val):
+        """best/ = the model with the best mean validation reward, the starting one (epoch 0) included."""
+        if val["mean_reward"] > state["best_reward"]:
+            state["best_reward"], state["best_epoch"] = val["mean_reward"], epoch
+            if is_main():
+                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
 
     if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
         state["initial_val"] = validate_with_reward(model, val_loader, val_masks, device, args, cache,
                                                     engine.autocast, reward_fn)
         logger.line(val_line("initial val", state["initial_val"]))
+        keep_if_best(0, state["initial_val"])
 
     # ---- training loop: rollout (no grad) -> PPO epochs over its minibatches (grad)
     t_start = time.time()
@@ -360,10 +368,7 @@ def main(args):
         state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
         logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
         logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
-        if val["mean_reward"] > state["best_reward"]:
-            state["best_reward"], state["best_epoch"] = val["mean_reward"], epoch + 1
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch + 1, val), gather_for_save(engine))
+        keep_if_best(epoch + 1, val)
         state["epoch"], state["micro_in_epoch"], state["epoch_rollouts"] = epoch + 1, 0, []
         checkpoint()
 

@@ -22,13 +22,14 @@ from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
-from common.evaluation import validate
+from common.evaluation import collapse_warning, validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import segmentation_loss, text_loss
 from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "sft"
+SFT_POS_WEIGHT = "1"  # plain BCE as the mission's Dice + BCE; README "Why SFT collapsed" measures `balanced`
 
 
 def parse_args(argv=None):
@@ -38,9 +39,7 @@ def parse_args(argv=None):
     cli.add_train_args(p, lr=1e-4, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0,
                        trainable="lora,text_hidden_fcs,mask_decoder")
     cli.add_lora_args(p, preset="medium")
-    g = p.add_argument_group("loss")
-    g.add_argument("--dice_weight", type=float, default=1.0, help="weight of the soft Dice loss")
-    g.add_argument("--bce_weight", type=float, default=1.0, help="weight of the per-pixel BCE loss")
+    g = cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=1.0, pos_weight_default=SFT_POS_WEIGHT)
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
     return p.parse_args(argv)
@@ -88,11 +87,20 @@ def main(args):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
                     metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
 
+    def keep_if_best(epoch, val):
+        """best/ = the best validated model, the starting one (epoch 0) included: a stage never ends
+        below its start."""
+        if val["mean_dice"] > state["best_dice"]:
+            state["best_dice"], state["best_epoch"] = val["mean_dice"], epoch
+            if is_main():
+                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
+
     if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
         start = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
         state["initial_val"] = start
         logger.line(f"initial val: dice {start['mean_dice']:.4f} recall {start['mean_recall']:.4f} "
-                    f"precision {start['mean_precision']:.4f}")
+                    f"precision {start['mean_precision']:.4f} {collapse_warning(start)}")
+        keep_if_best(0, start)
 
     # ---- training loop
     t_start = time.time()
@@ -107,7 +115,7 @@ def main(args):
             with engine.autocast():
                 out = forward_batch(model, batch, cache, with_text_logits=args.text_weight > 0)
             logits = full_size_logits(model, out["low_res_logits"], batch["image_sizes"])
-            losses = segmentation_loss(logits, masks, args.dice_weight, args.bce_weight)
+            losses = segmentation_loss(logits, masks, args.dice_weight, args.bce_weight, args.bce_pos_weight)
             loss = losses["loss"]
             if out["text"] is not None:
                 losses["text"] = text_loss(*out["text"])
@@ -133,11 +141,8 @@ def main(args):
         state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val))
         logger.record(state["step"], {f"val/{k}": v for k, v in val.items()})
         logger.line(f"epoch {epoch + 1} val: dice {val['mean_dice']:.4f} iou {val['mean_iou']:.4f} "
-                    f"recall {val['mean_recall']:.4f} precision {val['mean_precision']:.4f}")
-        if val["mean_dice"] > state["best_dice"]:
-            state["best_dice"], state["best_epoch"] = val["mean_dice"], epoch + 1
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch + 1, val), gather_for_save(engine))
+                    f"recall {val['mean_recall']:.4f} precision {val['mean_precision']:.4f} {collapse_warning(val)}")
+        keep_if_best(epoch + 1, val)
         state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
         save_trainer_state(engine, run_dir, state)
 
@@ -148,9 +153,11 @@ def main(args):
         write_json(os.path.join(run_dir, "training_info.json"), dict(
             stage=STAGE, args=vars(args), initial_val=state.get("initial_val"), history=state["history"],
             best_epoch=state["best_epoch"], best_val_dice=state["best_dice"], bad_steps=state["bad_steps"],
+            collapsed_epochs=[h["epoch"] for h in state["history"] if h.get("collapsed")],
             wall_time_s=time.time() - t_start, world_size=world_size, versions=versions(),
             checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
+    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}"
+                f"{': the starting model, no epoch beat it' if state['best_epoch'] == 0 else ''}); outputs in {run_dir}")
     logger.close()
     cleanup()
     return run_dir

@@ -98,6 +98,31 @@ def add_lora_args(p, preset="medium"):
     return g
 
 
+def pos_weight(value):
+    """argparse type of --bce_pos_weight: `balanced` or a positive number (1 = plain BCE)."""
+    if value == "balanced":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected `balanced` or a positive number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected `balanced` or a positive number, got {value!r}")
+    return number
+
+
+def add_mask_loss_args(p, dice_weight, bce_weight, pos_weight_default):
+    g = p.add_argument_group("mask loss")
+    g.add_argument("--dice_weight", type=float, default=dice_weight, help="weight of the soft Dice loss")
+    g.add_argument("--bce_weight", type=float, default=bce_weight, help="weight of the per-pixel BCE loss")
+    g.add_argument("--bce_pos_weight", type=pos_weight, default=pos_weight_default,
+                   help="weight of vessel pixels in the BCE: `balanced` = background / vessel pixels of each mask "
+                        "(vessel and background weigh the same), or a number (1 = plain BCE, which calibrates "
+                        "probabilities to the ~10%% vessel prior: a model that cannot yet separate thin vessels "
+                        "then predicts empty masks at threshold 0.5; README, 'Why SFT collapsed')")
+    return g
+
+
 def use_deepspeed(args):
     from common.engine import launched_by_deepspeed
     return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())

@@ -17,6 +17,9 @@ from common.rewards import metrics_from_counts, overlap_counts
 from common.video import segment_video
 
 METRICS = ("dice", "iou", "precision", "recall")
+# A collapsed segmenter answers every frame with an empty mask, or with (nearly) the whole frame
+NEAR_FULL = 0.9  # share of the frame predicted vessel that counts as a near-full mask
+COLLAPSED = 0.5  # share of the frames with vessel whose masks are degenerate that marks a collapse
 
 
 @torch.no_grad()
@@ -57,8 +60,33 @@ def frame_record(key, index, probs, mask, thresholds):
     pred = probs[None] > thresholds[:, None, None]  # (T, H, W)
     counts = overlap_counts(pred, torch.as_tensor(mask).bool()[None].expand_as(pred))
     metrics = metrics_from_counts(counts["tp"], counts["fp"], counts["fn"])
-    return dict(key=key, index=index, **{k: counts[k].tolist() for k in ("tp", "fp", "fn")},
+    return dict(key=key, index=index, pixels=int(pred[0].numel()), **{k: counts[k].tolist() for k in ("tp", "fp", "fn")},
                 **{k: metrics[k].tolist() for k in METRICS})
+
+
+def degenerate_masks(records, t_index=0):
+    """dict(frames_with_vessel, empty_masks, full_masks, collapsed) at threshold number `t_index`:
+    among frames whose ground truth has vessel, those predicted empty and those predicted (nearly)
+    full while the vessel is not; `collapsed` when they are at least COLLAPSED of those frames."""
+    with_vessel = empty = full = 0
+    for r in records:
+        gt, pred = r["tp"][t_index] + r["fn"][t_index], r["tp"][t_index] + r["fp"][t_index]
+        if gt == 0:
+            continue
+        with_vessel += 1
+        empty += pred == 0
+        full += pred >= NEAR_FULL * r["pixels"] > gt
+    return dict(frames_with_vessel=with_vessel, empty_masks=int(empty), full_masks=int(full),
+                collapsed=bool(with_vessel) and empty + full >= COLLAPSED * with_vessel)
+
+
+def collapse_warning(metrics):
+    """A loud line for a log when `metrics` (summarize's row) say the masks collapsed, else ''."""
+    if not metrics.get("collapsed"):
+        return ""
+    return (f"WARNING: collapsed masks: of {metrics['frames_with_vessel']} frames with vessel, "
+            f"{metrics['empty_masks']} got an empty mask and {metrics['full_masks']} a near-full one at threshold "
+            f"{metrics.get('threshold', '?')}")
 
 
 def gather_records(records):
@@ -117,6 +145,7 @@ def summarize(records, thresholds):
         tp, fp, fn = (torch.tensor(sum(r[k][t_index] for r in records)) for k in ("tp", "fp", "fn"))
         row.update({f"global_{k}": float(v) for k, v in metrics_from_counts(tp, fp, fn).items()})
         row["samples"] = len(records)
+        row.update(degenerate_masks(records, t_index), threshold=float(t))
         out[float(t)] = row
     return out
 

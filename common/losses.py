@@ -18,10 +18,24 @@ def dice_loss(logits, target, smooth=1.0):
     return 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
 
 
-def sigmoid_bce(logits, target):
-    """Mean per-pixel binary cross-entropy per mask: -mean[t log p + (1 - t) log(1 - p)],
-    p = sigmoid(logits). logits, target: (..., H, W) -> (...)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").flatten(-2).mean(-1)
+def sigmoid_bce(logits, target, pos_weight=None):
+    """Mean per-pixel binary cross-entropy per mask: -mean[w t log p + (1 - t) log(1 - p)],
+    p = sigmoid(logits), w = pos_weight (a number; 1 when None). logits, target: (..., H, W) -> (...).
+
+    pos_weight="balanced": w = background / vessel pixels of each mask (clamped to [1, 100]), so
+    vessel and background weigh the same in total and the 0.5 threshold sits where the two kinds
+    of error balance. Plain BCE (w = 1) calibrates p to the vessel prior (~10%): a model that
+    ranks vessel pixels above background but cannot yet separate them predicts p < 0.5
+    everywhere, an empty mask (measured: README, "Why SFT collapsed")."""
+    logits, target = logits.float(), target.float()
+    if pos_weight == "balanced":
+        positives = target.flatten(-2).sum(-1)
+        negatives = target.shape[-1] * target.shape[-2] - positives
+        pos_weight = (negatives / positives.clamp(min=1)).clamp(1, 100)[..., None, None]
+    elif pos_weight is not None:
+        pos_weight = torch.tensor(float(pos_weight), device=logits.device)
+    losses = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+    return losses.flatten(-2).mean(-1)
 
 
 def mask_log_likelihood(logits, target):
@@ -31,17 +45,17 @@ def mask_log_likelihood(logits, target):
     return -sigmoid_bce(logits, target)
 
 
-def segmentation_loss(logits_list, masks, dice_weight=1.0, bce_weight=1.0):
-    """Weighted Dice + BCE over a batch of masks of possibly different sizes.
-
-    logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice, bce), each the batch mean."""
+def segmentation_loss(logits_list, masks, dice_weight=1.0, bce_weight=1.0, pos_weight=None):
+    """Weighted Dice + BCE over a batch of masks of possibly different sizes (`pos_weight`:
+    sigmoid_bce's). logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice_loss, bce),
+    each the batch mean."""
     if len({tuple(m.shape) for m in masks}) == 1:  # equal sizes: one batched call, the same terms
         logits, target = torch.stack(list(logits_list)), torch.stack(list(masks))
-        dice, bce = dice_loss(logits, target).mean(), sigmoid_bce(logits, target).mean()
+        dice, bce = dice_loss(logits, target).mean(), sigmoid_bce(logits, target, pos_weight).mean()
     else:
         dice = torch.stack([dice_loss(l, m) for l, m in zip(logits_list, masks)]).mean()
-        bce = torch.stack([sigmoid_bce(l, m) for l, m in zip(logits_list, masks)]).mean()
-    return dict(loss=dice_weight * dice + bce_weight * bce, dice=dice.detach(), bce=bce.detach())
+        bce = torch.stack([sigmoid_bce(l, m, pos_weight) for l, m in zip(logits_list, masks)]).mean()
+    return dict(loss=dice_weight * dice + bce_weight * bce, dice_loss=dice.detach(), bce=bce.detach())
 
 
 def text_loss(logits, labels):

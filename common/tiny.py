@@ -30,6 +30,7 @@ Save and load it as a folder with `save_pretrained` / `TinySa2VAChatModel.from_p
 """
 import argparse
 import math
+import os
 
 import numpy as np
 import torch
@@ -83,7 +84,9 @@ class TinySa2VAConfig(PretrainedConfig):
         self.llm_config = {**dict(vocab_size=267, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                                   tie_word_embeddings=False), **(llm_config or {})}
-        self.sam_config = {**dict(image_size=256, hidden_dim=64), **(sam_config or {})}
+        # SAM2's input size as released (1024 px -> 256 x 256 low-res logits): a coarser grid caps the
+        # Dice of thin vessels whatever the training (64 x 64: ~0.60 on DRIVE, README "Real images")
+        self.sam_config = {**dict(image_size=1024, hidden_dim=64), **(sam_config or {})}
         self.select_layer = select_layer
         self.force_image_size = force_image_size
         self.downsample_ratio = downsample_ratio
@@ -796,15 +799,40 @@ def teach_answer(model, tokenizer, answer=TINY_ANSWER, steps=80, seed=0):
     return loss.item()
 
 
-def build_tiny_model(seed=0):
-    """The embedded default: (model, tokenizer), deterministic in `seed`."""
+def build_tiny_model(seed=0, pretrained=True):
+    """The embedded default: (model, tokenizer).
+
+    pretrained=True (the default everywhere): the weights `common/tiny_weights/` ships, made by
+    `python -m common.tiny_pretrain` from synthetic vessel images (README, "The embedded model"); the
+    same for every `seed`. pretrained=False: random weights from `seed` whose LLM was only taught to
+    answer "It is [SEG]." (what the pretraining starts from; tests of plumbing that need no skill)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = TinySa2VAConfig(llm_config=dict(vocab_size=len(tokenizer)))
     model = TinySa2VAChatModel(config)
-    teach_answer(model, tokenizer, seed=seed)
+    if not pretrained:
+        teach_answer(model, tokenizer, seed=seed)
+    else:
+        load_pretrained_weights(model)
+        model.preparing_for_generation(tokenizer)  # sets the token ids the forward path reads, as teach_answer does
     model.init_prediction_config = False
     return model, tokenizer
+
+
+def load_pretrained_weights(model, folder=None):
+    """Load `common/tiny_weights/model.safetensors` (or `folder`'s) into a tiny model, exactly."""
+    from safetensors.torch import load_file
+    from common.tiny_pretrain import WEIGHTS_DIR
+    path = os.path.join(folder or os.environ.get("TINY_WEIGHTS", WEIGHTS_DIR), "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the tiny model's pretrained weights are missing; rebuild them with "
+                                f"`python -m common.tiny_pretrain` (README, 'The embedded model')")
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the tiny model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         f"rebuild it with `python -m common.tiny_pretrain`")
+    model.eval()
 
 
 def main():
