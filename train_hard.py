@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import DataError, EvalSampler, VesselDataset, build_splits, frame_mask, image_size
+from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, build_splits, dihedral, frame_mask, image_size,
+                         view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
@@ -40,7 +41,6 @@ from common.losses import segmentation_loss
 from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
 
 STAGE = "hard"
-VIEWS = 8  # the dihedral views of a frame: 4 quarter turns, each with or without a left-right flip
 
 
 def parse_args(argv=None):
@@ -69,19 +69,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- hard items and their cached features
-
-def dihedral(array, view):
-    """View 0-7 of an (H, W[, C]) array: `view % 4` quarter turns, then a left-right flip for view >= 4."""
-    if view == 0:
-        return array
-    array = np.rot90(array, view % 4)
-    return np.ascontiguousarray(array[:, ::-1] if view >= 4 else array)
-
-
-def view_key(key, view):
-    # view 0 keeps the plain stem, so its features are shared with mining and evaluation
-    return key if view == 0 else f"{key}@view{view}"
-
 
 class HardItems(torch.utils.data.Dataset):
     """(frame index, view) items. An item whose frozen features are all cached (`cached`, the

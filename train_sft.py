@@ -19,7 +19,7 @@ import time
 import torch
 
 from common import cli
-from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.data import AugmentedViews, EvalSampler, ShardedSampler, VesselDataset, build_splits
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import collapse_warning, validate
@@ -40,6 +40,8 @@ def parse_args(argv=None):
                        trainable="lora,text_hidden_fcs,mask_decoder")
     cli.add_lora_args(p, preset="medium")
     g = cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=1.0, pos_weight_default=SFT_POS_WEIGHT)
+    g.add_argument("--augment", action="store_true",
+                   help="show every training frame under a random flip / 90-degree rotation each epoch (small folders)")
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
     return p.parse_args(argv)
@@ -58,6 +60,8 @@ def main(args):
                                             data_format=args.data_format,
                                             allow_empty_annotations=args.allow_empty_annotations)
     train_set = VesselDataset(train_frames, args.resize_masks)
+    if args.augment:
+        train_set = AugmentedViews(train_set, args.seed)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
     loader_kw = dict(collate_fn=processor, num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -107,6 +111,8 @@ def main(args):
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, start=state["micro_in_epoch"] * args.batch_size)
+        if args.augment:
+            train_set.set_epoch(epoch)
         model.train()
         window, t_window = [], time.time()
         for batch in train_loader:

@@ -475,6 +475,43 @@ class VesselDataset(torch.utils.data.Dataset):
         return self.transform(sample) if self.transform else sample
 
 
+VIEWS = 8  # the dihedral views of a frame: 4 quarter turns, each with or without a left-right flip
+
+
+def dihedral(array, view):
+    """View 0-7 of an (H, W[, C]) array: `view % 4` quarter turns, then a left-right flip for view >= 4."""
+    if view == 0:
+        return array
+    array = np.rot90(array, view % 4)
+    return np.ascontiguousarray(array[:, ::-1] if view >= 4 else array)
+
+
+def view_key(key, view):
+    # view 0 keeps the plain stem, so its features are shared with mining and evaluation
+    return key if view == 0 else f"{key}@view{view}"
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """A VesselDataset whose every sample is shown under a random dihedral view (flip / quarter
+    turn, image and mask together), drawn from (seed, epoch, index): the same epoch redraws the
+    same views (a resumed run too), and each view has its own cache key."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch  # read by the DataLoader workers each epoch starts (they are not persistent)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        view = random.Random(f"{self.seed}-{self.epoch}-{index}").randrange(VIEWS)
+        return dict(sample, image=Image.fromarray(dihedral(np.asarray(sample["image"]), view)),
+                    mask=dihedral(sample["mask"], view), key=view_key(sample["key"], view))
+
+
 def build_splits(root, val_fraction=0.2, seed=0, max_train_samples=0, max_val_samples=0, video_regex=VIDEO_REGEX,
                  resize_masks=False, data_format="auto", allow_empty_annotations=False):
     """(train frames, val frames) of a data folder of either layout, checked and capped."""

@@ -85,8 +85,7 @@ def collapse_warning(metrics):
     if not metrics.get("collapsed"):
         return ""
     return (f"WARNING: collapsed masks: of {metrics['frames_with_vessel']} frames with vessel, "
-            f"{metrics['empty_masks']} got an empty mask and {metrics['full_masks']} a near-full one at threshold "
-            f"{metrics.get('threshold', '?')}")
+            f"{metrics['empty_masks']} got an empty mask and {metrics['full_masks']} a near-full one")
 
 
 def gather_records(records):
@@ -145,7 +144,7 @@ def summarize(records, thresholds):
         tp, fp, fn = (torch.tensor(sum(r[k][t_index] for r in records)) for k in ("tp", "fp", "fn"))
         row.update({f"global_{k}": float(v) for k, v in metrics_from_counts(tp, fp, fn).items()})
         row["samples"] = len(records)
-        row.update(degenerate_masks(records, t_index), threshold=float(t))
+        row.update(degenerate_masks(records, t_index))
         out[float(t)] = row
     return out
 

@@ -34,8 +34,8 @@ def test_frame_record_of_an_all_background_prediction_is_an_empty_mask_and_warns
     r = frame_record("a", 0, torch.full((8, 8), 0.2), mask, torch.tensor([0.5]))
     d = degenerate_masks([r])
     assert d["empty_masks"] == 1 and d["collapsed"]
-    assert "collapsed" in collapse_warning(dict(d, threshold=0.5))
-    assert collapse_warning(dict(degenerate_masks([record(10, 10)]), threshold=0.5)) == ""
+    assert "collapsed" in collapse_warning(d)
+    assert collapse_warning(degenerate_masks([record(10, 10)])) == ""
 
 
 def test_a_destroying_learning_rate_leaves_best_at_the_start_and_reports_the_collapse(synth_data, tmp_path):
