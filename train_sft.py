@@ -19,7 +19,7 @@ import time
 import torch
 
 from common import cli
-from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import validate
@@ -57,7 +57,8 @@ def main(args):
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
                                             args.max_val_samples, args.video_regex, args.resize_masks,
                                             data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations)
+                                            allow_empty_annotations=args.allow_empty_annotations,
+                                            mask_rule=MaskRule.from_args(args))
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
@@ -69,8 +70,7 @@ def main(args):
     micro_steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     steps_per_epoch = max(1, micro_steps_per_epoch // args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
-    logger.line(f"data: {len(train_set)} train / {len(val_set)} val frames "
-                f"({len({f.video for f in train_frames})} / {len({f.video for f in val_frames})} videos); "
+    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; "
                 f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
                 f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps")
 

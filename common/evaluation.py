@@ -108,6 +108,16 @@ def score_videos(model, processor, dataset, device, thresholds=(0.5,), autocast=
     return (records, probs_out) if keep_probs else records
 
 
+def degenerate_masks(records, t_index=0):
+    """Keys of the frames whose predicted mask is empty while the ground truth is not, at the
+    t_index-th threshold of score_loader's records (tp/fp/fn lists). A model that collapsed to
+    empty masks scores 0 on those frames and 1.0 on frames with empty ground truth, so a mean
+    Dice alone can hide it; evaluate.py counts these per checkpoint, and a training loop can test
+    `len(degenerate_masks(records)) == len(records)` to detect collapse."""
+    return [r["key"] for r in records
+            if r["tp"][t_index] + r["fp"][t_index] == 0 and r["tp"][t_index] + r["fn"][t_index] > 0]
+
+
 def summarize(records, thresholds):
     """{threshold: {mean_dice, ..., global_dice, ...}} over the records."""
     out = {}

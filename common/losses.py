@@ -34,14 +34,16 @@ def mask_log_likelihood(logits, target):
 def segmentation_loss(logits_list, masks, dice_weight=1.0, bce_weight=1.0):
     """Weighted Dice + BCE over a batch of masks of possibly different sizes.
 
-    logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice, bce), each the batch mean."""
+    logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice_loss, bce), each the batch mean.
+    The key is dice_loss, not dice: it is 1 - soft Dice (lower is better) and is logged as
+    train/dice_loss next to val/mean_dice, the score."""
     if len({tuple(m.shape) for m in masks}) == 1:  # equal sizes: one batched call, the same terms
         logits, target = torch.stack(list(logits_list)), torch.stack(list(masks))
         dice, bce = dice_loss(logits, target).mean(), sigmoid_bce(logits, target).mean()
     else:
         dice = torch.stack([dice_loss(l, m) for l, m in zip(logits_list, masks)]).mean()
         bce = torch.stack([sigmoid_bce(l, m) for l, m in zip(logits_list, masks)]).mean()
-    return dict(loss=dice_weight * dice + bce_weight * bce, dice=dice.detach(), bce=bce.detach())
+    return dict(loss=dice_weight * dice + bce_weight * bce, dice_loss=dice.detach(), bce=bce.detach())
 
 
 def text_loss(logits, labels):
