@@ -47,18 +47,17 @@ def parse_args(argv=None):
 
 
 def main(args):
-    # ---- setup
-    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
-
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
-    fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
-
+    # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
                                             args.max_val_samples, args.video_regex, args.resize_masks,
                                             data_format=args.data_format,
                                             allow_empty_annotations=args.allow_empty_annotations,
                                             mask_rule=MaskRule.from_args(args))
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
+
+    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
