@@ -274,7 +274,10 @@ def predict_frames(args, rank, world_size, device):
     model.to(device).eval()
     for sub in ("masks", "overlays") + (("probs",) if args.save_probs else ()):
         os.makedirs(os.path.join(args.output, sub), exist_ok=True)
-    print0(f"segmenting {len(dataset)} frames of {folder} with {init or 'the base model ' + args.model} "
+    n_videos = len({parse_video(k, args.video_regex)[0] for k in dataset.keys})
+    print0(f"segmenting {len(dataset)} frames of {n_videos} videos of {folder}"
+           + (" (ONE video by --video_regex, shown as one GIF; independent images: --still_images)"
+              if n_videos == 1 and len(dataset) > 1 else "") + f" with {init or 'the base model ' + args.model} "
            f"({args.answer_mode} answer, threshold {args.threshold:g}"
            + (f", video mode: {args.video_prompt} prompt, {args.clip_frames} clip frames)" if args.video_mode else ")"))
 
