@@ -55,7 +55,7 @@ Frames of one video are near-duplicates, so without a split file the split is ma
 VIDEO, never by frame. `still_images` (--still_images) makes every image its own video (folders
 of independent stills such as drive_01.png ... drive_20.png, which the default regex would read
 as 20 frames of one video `drive`). A split that leaves no validation frame is refused with the
-fix (`split_by_video`), never trained on. The video of a frame comes from its stem with `VIDEO_REGEX`:
+fix (`one_video_error`), never trained on. The video of a frame comes from its stem with `VIDEO_REGEX`:
 `<video>_frame_<n>`, `<video>_frame<n>` or `<video>_<n>`, the frame index being the LAST
 such suffix, so video ids may hold spaces, brackets, carets, dashes and more `_<digits>`
 groups (`An Cong Xue(0000932433)_1-3_1_051C3E6A_frame_000011` is frame 11 of video
@@ -136,10 +136,6 @@ class MaskRule:
         if name not in MASK_RULES:
             raise DataError(f"--mask_rule must be one of {', '.join(MASK_RULES)}, not {name!r}")
         return cls(name)
-
-    def describe(self):
-        return {"auto": "auto", "nonzero": "vessel = value > 0", "half": "vessel = value > half the range",
-                "values": f"vessel = values {', '.join(map(str, self.vessel_values))}"}[self.name]
 
 
 AUTO = MaskRule()
