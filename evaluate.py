@@ -4,7 +4,8 @@ sample and mean, a threshold sweep, and several checkpoints side by side.
     python evaluate.py --model /path/to/Sa2VA-4B --data /path/to/vessels \
         --checkpoints base sft=runs/sft_x/best hard=runs/hard_y/best --thresholds 0.3,0.35,0.4,0.5
 
-`base` is the model without any stage checkpoint. Scoring runs the batched forward path with
+`base` is the model without any stage checkpoint; `--init PATH` alone scores that one checkpoint
+(giving both --init and --checkpoints is refused: one of them would be ignored). Scoring runs the batched forward path with
 the teacher-forced answer (the same masks as the released predict_forward when it answers
 "It is [SEG]."; see README). Writes to --output: metrics.csv (one row per sample and
 checkpoint), summary.json (means per checkpoint and threshold, best threshold, per-sample
@@ -15,6 +16,8 @@ Frames without ground truth (a folder of images with no masks/ or annotations.js
 --predict_only) are segmented instead of scored:
 
     python evaluate.py --model /path/to/Sa2VA-4B --init runs/hard_x/best --data new_run/ --output pred
+
+(one checkpoint: --init, or a single --checkpoints NAME=PATH; predictions.json names it)
 
 writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, one animated
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
@@ -28,18 +31,18 @@ on an unlabelled one the masks, overlays and GIFs come from video mode.
 import csv
 import json
 import os
-import re
 
 import numpy as np
 import torch
 from PIL import Image
 
 from common import cli
-from common.data import (ANNOTATIONS_FILE, EvalSampler, VesselDataset, list_images, parse_video, read_image,
-                         select_split)
+from common.data import (ANNOTATIONS_FILE, DataError, EvalSampler, VesselDataset, describe_split, file_names,
+                         list_images, no_images_error, parse_video, read_image, select_split)
 from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
                            write_json)
-from common.evaluation import METRICS, predict_probabilities, score_loader, score_videos, summarize, video_probabilities
+from common.evaluation import (METRICS, predict_probabilities, score_loader, score_videos, summarize,
+                               video_probabilities)
 from common.forward import move_batch
 from common.lora import load_stage
 from common.rewards import cldice
@@ -52,9 +55,11 @@ def parse_args(argv=None):
     cli.add_model_args(p)
     cli.add_data_args(p)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--checkpoints", nargs="+", default=["base"],
-                   help="NAME=PATH stage checkpoints (or `base`, or a bare PATH named by its folder), compared in order")
-    g.add_argument("--split", default="val", help="split to score: train, val, test (from splits.json) or all")
+    g.add_argument("--checkpoints", nargs="+", default=None,
+                   help="NAME=PATH stage checkpoints (or `base`, or a bare PATH named by its folder), compared in order "
+                        "(default: --init if given, else base); prediction without ground truth takes one")
+    g.add_argument("--split", default="val",
+                   help="split to score: train, val, test (from splits.json) or all; a separate test folder: all")
     g.add_argument("--thresholds", default="0.3,0.35,0.4,0.45,0.5,0.55,0.6",
                    help="comma list swept for every checkpoint (--threshold is always included)")
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
@@ -69,8 +74,9 @@ def parse_args(argv=None):
                         "annotations.json); the model is --model + --init")
     g.add_argument("--answer_mode", choices=("fixed", "generate"), default="fixed",
                    help="fixed: the teacher-forced --answer, as in training (batched); generate: the model's own answer "
-                        "through predict_forward, one frame at a time (frames where it writes no [SEG] are reported)")
-    g.add_argument("--save_probs", action="store_true", help="also write 8-bit vessel probability PNGs (fixed mode)")
+                        "through predict_forward, one frame at a time (frames where it writes no [SEG] are reported); "
+                        "its masks are predict_forward's own (sigmoid > 0.5), so --threshold must stay 0.5")
+    g.add_argument("--save_probs", action="store_true", help="also write 8-bit vessel probability PNGs (fixed answer)")
     g.add_argument("--gif_ms", type=int, default=100, help="milliseconds per frame of the per-video GIFs")
     g = p.add_argument_group("SAM2 video memory (InternVL family)")
     g.add_argument("--video_mode", action="store_true",
@@ -89,6 +95,7 @@ def parse_args(argv=None):
 
 
 def parse_checkpoints(specs):
+    """[(name, path or None for the base model)] of --checkpoints specs."""
     out = []
     for spec in specs:
         if spec == "base":
@@ -101,6 +108,24 @@ def parse_checkpoints(specs):
     return out
 
 
+def resolve_checkpoints(args, predicting):
+    """[(name, path)] of the checkpoints this run uses, from --init and --checkpoints; SystemExit
+    for a combination where one of them would be ignored (the rows and files must name the
+    checkpoint that made them). Prediction writes one set of masks: exactly one checkpoint."""
+    init = [(parse_checkpoints([args.init])[0][0], args.init)] if args.init else []
+    named = parse_checkpoints(args.checkpoints) if args.checkpoints else []
+    if init and named and not (predicting and len(named) == 1 and named[0][1] == args.init):
+        raise SystemExit(f"--init {args.init} and --checkpoints {' '.join(args.checkpoints)} both name checkpoints; "
+                         f"one would be ignored. " + ("Prediction uses one: keep --init." if predicting else
+                                                      f"To score it beside others add it to --checkpoints "
+                                                      f"(e.g. --checkpoints base {init[0][0]}={args.init})."))
+    chosen = named or init or [("base", None)]
+    if predicting and len(chosen) > 1:
+        raise SystemExit(f"prediction without ground truth writes one set of masks: name one checkpoint (--init PATH), "
+                         f"not {len(chosen)} ({', '.join(n for n, _ in chosen)})")
+    return chosen
+
+
 def overlay(image, gt, pred):
     """Frame with true positives white, false positives red, false negatives blue."""
     out = np.asarray(image.convert("RGB")).astype(np.float32) * 0.6
@@ -109,16 +134,30 @@ def overlay(image, gt, pred):
     return Image.fromarray(out.astype(np.uint8))
 
 
-def stage_table(summary):
-    """Markdown table: checkpoint, path, mean Dice/recall/precision/IoU, delta Dice vs the row above."""
-    lines = ["| stage | checkpoint | mean Dice | recall | precision | IoU | delta Dice vs previous |",
-             "|---|---|---|---|---|---|---|"]
-    previous = None
+def stage_table(summary, caption=None):
+    """Markdown table: checkpoint, path, mean Dice/recall/precision/IoU, delta Dice vs the row above,
+    and the degenerate masks (common.evaluation.degenerate_masks: empty, or near-full, on frames whose
+    ground truth has vessel; marked with ! when any, COLLAPSED when most), under a caption saying
+    what was scored."""
+    lines = ([caption, ""] if caption else []) + [
+        "| stage | checkpoint | mean Dice | recall | precision | IoU | delta Dice vs previous | degenerate masks |",
+        "|---|---|---|---|---|---|---|---|"]
+    previous, marked = None, []
     for name, s in summary.items():
         delta = "" if previous is None else f"{s['mean_dice'] - previous:+.4f}"
+        flag = "0"
+        bad = s.get("empty_masks", 0) + s.get("full_masks", 0)
+        if bad:
+            flag = (f"{s['empty_masks']} empty, {s['full_masks']} full of {s['frames_with_vessel']} "
+                    f"{'COLLAPSED' if s['collapsed'] else '!'}")
+            marked.append(f"{name}: {flag}")
         lines.append(f"| {name} | {s['checkpoint'] or 'base model'} | {s['mean_dice']:.4f} | {s['mean_recall']:.4f} | "
-                     f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} |")
+                     f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} | {flag} |")
         previous = s["mean_dice"]
+    if marked:
+        threshold = next(iter(summary.values()))["threshold"]
+        lines += ["", f"! degenerate masks: frames with vessel whose mask is empty, or covers most of the frame, at "
+                      f"threshold {threshold:g} ({'; '.join(marked)}): a collapsed or badly thresholded model"]
     return "\n".join(lines)
 
 
@@ -139,7 +178,9 @@ def video_table(summary):
         if name.endswith("+video") or video is None:
             continue
         line = f"| {name} | {s['mean_dice']:.4f} | {video['mean_dice']:.4f} | {video['mean_dice'] - s['mean_dice']:+.4f} |"
-        if clusters:
+        if clusters and not s["cluster_frames"]:  # no nan cells: say why there is no number
+            line += " 0 | no temporal hard cluster in the scored split | | |"
+        elif clusters:
             line += (f" {s['cluster_frames']} | {s['cluster_mean_dice']:.4f} | {video['cluster_mean_dice']:.4f} | "
                      f"{video['cluster_mean_dice'] - s['cluster_mean_dice']:+.4f} |")
         lines.append(line)
@@ -211,19 +252,36 @@ def gif_frame(path, i, n):
     return Image.fromarray(out)
 
 
+RELEASED_THRESHOLD = 0.5  # predict_forward thresholds its own masks at sigmoid > 0.5 (released code)
+
+
 def predict_frames(args, rank, world_size, device):
     """Masks, overlays and per-video GIFs for frames without ground truth (see the docstring)."""
+    ((name, init),) = resolve_checkpoints(args, predicting=True)
+    if args.answer_mode == "generate" and args.threshold != RELEASED_THRESHOLD:
+        raise SystemExit(f"--threshold {args.threshold:g} does not apply to --answer_mode generate: its masks are "
+                         f"predict_forward's own (sigmoid > {RELEASED_THRESHOLD}); drop --threshold, or use the fixed "
+                         f"answer")
+    if args.answer_mode == "generate" and args.save_probs:
+        raise SystemExit("--save_probs needs the fixed answer: predict_forward returns thresholded masks, no probabilities")
     folder = os.path.join(args.data, "images") if os.path.isdir(os.path.join(args.data, "images")) else args.data
-    dataset = Frames(list_images(folder))
-    if not len(dataset):
-        raise SystemExit(f"{folder}: no images to segment")
+    try:
+        dataset = Frames(list_images(folder))
+        if not len(dataset):
+            raise no_images_error(folder)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, seed=args.seed)
-    if args.init:
-        load_stage(model, args.init)
+    if init:
+        load_stage(model, init)
     model.to(device).eval()
     for sub in ("masks", "overlays") + (("probs",) if args.save_probs else ()):
         os.makedirs(os.path.join(args.output, sub), exist_ok=True)
-    print0(f"segmenting {len(dataset)} frames of {folder} ({args.answer_mode} answer, threshold {args.threshold}"
+    n_videos = len({parse_video(k, args.video_regex)[0] for k in dataset.keys})
+    print0(f"segmenting {len(dataset)} frames of {n_videos} videos of {folder}"
+           + (" (ONE video by --video_regex, shown as one GIF; independent images: --still_images)"
+              if n_videos == 1 and len(dataset) > 1 else "") + f" with {init or 'the base model ' + args.model} "
+           f"({args.answer_mode} answer, threshold {args.threshold:g}"
            + (f", video mode: {args.video_prompt} prompt, {args.clip_frames} clip frames)" if args.video_mode else ")"))
 
     def save(key, image, pred, probs=None):
@@ -275,46 +333,62 @@ def predict_frames(args, rank, world_size, device):
     for r in records:
         r["video"], r["frame_index"] = parse_video(r["frame"], args.video_regex)
         videos.setdefault(r["video"], []).append(r)
-    os.makedirs(os.path.join(args.output, "gifs"), exist_ok=True)
-    for video, frames in videos.items():
-        frames.sort(key=lambda r: r["frame_index"])
+    # one GIF per video of two or more frames (a still image's overlay is its picture), under a name
+    # unique in the folder: "left eye" and "left_eye" must not write one left_eye.gif
+    gifs = {v: f"{n}.gif" for v, n in file_names([v for v, f in videos.items() if len(f) > 1]).items()}
+    if gifs:
+        os.makedirs(os.path.join(args.output, "gifs"), exist_ok=True)
+    for video, gif in gifs.items():
+        frames = sorted(videos[video], key=lambda r: r["frame_index"])
         tiles = [gif_frame(os.path.join(args.output, "overlays", f"{r['frame']}.png"), i, len(frames))
                  for i, r in enumerate(frames)]
         tiles = [t if t.size == tiles[0].size else t.resize(tiles[0].size) for t in tiles]  # one canvas per GIF
-        tiles[0].save(os.path.join(args.output, "gifs", f"{re.sub(r'[^A-Za-z0-9_.-]', '_', video)}.gif"),
-                      save_all=True, append_images=tiles[1:], duration=args.gif_ms, loop=0)
+        tiles[0].save(os.path.join(args.output, "gifs", gif), save_all=True, append_images=tiles[1:],
+                      duration=args.gif_ms, loop=0)
     no_seg = [r["frame"] for r in records if not r["seg_found"]]
     if no_seg:
         print0(f"warning: no {SEG} in the answer for {len(no_seg)} frame(s), their masks are empty: "
                + ", ".join(no_seg[:20]) + (" ..." if len(no_seg) > 20 else ""))
     write_json(os.path.join(args.output, "predictions.json"), dict(
-        model=args.model, init=args.init, data=args.data, prompt=args.prompt, answer_mode=args.answer_mode,
+        model=args.model, checkpoint=name, init=init, data=args.data, prompt=args.prompt, answer_mode=args.answer_mode,
         video_mode=dict(prompt=args.video_prompt, clip_frames=args.clip_frames) if args.video_mode else None,
-        answer=args.answer if args.answer_mode == "fixed" else None, threshold=args.threshold, frames=records,
-        videos={v: len(f) for v, f in videos.items()}, frames_without_seg=no_seg))
-    print0(f"wrote {len(records)} masks, overlays and {len(videos)} GIFs to {args.output}")
+        answer=args.answer if args.answer_mode == "fixed" else None,
+        threshold=args.threshold if args.answer_mode == "fixed" else RELEASED_THRESHOLD,
+        threshold_from="--threshold" if args.answer_mode == "fixed" else "predict_forward (fixed)",
+        frames=records, videos={v: len(f) for v, f in videos.items()}, gifs=gifs, frames_without_seg=no_seg))
+    print0(f"wrote {len(records)} masks and overlays of {len(videos)} video(s) and {len(gifs)} GIF(s) (videos of 2+ "
+           f"frames) to {args.output}, from {init or 'the base model'}")
     return records
 
 
 def main(args):
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
+    if args.video_mode and args.video_regex is None:
+        raise SystemExit("--video_mode carries SAM2's memory from frame to frame of a video; with --still_images every "
+                         "image is its own video, so there is nothing to carry: drop one of them")
     labelled = os.path.isdir(os.path.join(args.data, "masks")) or os.path.isfile(os.path.join(args.data, ANNOTATIONS_FILE))
     if args.predict_only or not labelled:
         records = predict_frames(args, rank, world_size, device)
         cleanup()
         return records
+    checkpoints = resolve_checkpoints(args, predicting=False)
+    if args.answer_mode != "fixed":
+        raise SystemExit("scoring runs the fixed answer (batched forward path); --answer_mode generate is for frames "
+                         "without ground truth (--predict_only)")
     thresholds = sorted({float(t) for t in args.thresholds.split(",") if t} | {args.threshold})
     main_t = thresholds.index(args.threshold)
-    frames = select_split(args, args.split)
+    frames, total = select_split(args, args.split, with_total=True)
     dataset = VesselDataset(frames, args.resize_masks)
     by_key = {f.key: i for i, f in enumerate(frames)}
-    print0(f"scoring {len(dataset)} frames of {args.data} ({args.split}) at thresholds {thresholds}")
+    caption = (f"Scored: {args.split} split of {args.data}, {describe_split(frames)} (of {total} frames in the folder"
+               + (")" if args.split == "all" else "; --split all scores every frame)"))
+    print0(f"{caption}; thresholds {thresholds}")
     os.makedirs(args.output, exist_ok=True)
 
     cluster_keys = read_cluster_keys(args.hard_clusters, by_key) if args.hard_clusters else None
     rows, summary, panel_masks, panel_keys = [], {}, {}, None
-    for base_name, ckpt in parse_checkpoints(args.checkpoints):
+    for base_name, ckpt in checkpoints:
         model, tokenizer = load_model(args.model, seed=args.seed)
         if ckpt:
             load_stage(model, ckpt)
@@ -357,7 +431,8 @@ def main(args):
                                      cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
             for r in records:
                 f = frames[r["index"]]
-                rows.append(dict(checkpoint=name, sample=r["key"], video=f.video, frame=f.frame,
+                rows.append(dict(checkpoint=name, checkpoint_path=ckpt or "base model", sample=r["key"], video=f.video,
+                                 frame=f.frame,
                                  **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
             if is_main() and args.overlays:
                 ranked = sorted(records, key=lambda r: r["dice"][main_t])
@@ -372,11 +447,13 @@ def main(args):
             s = summary[name]
             print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
                    f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
-                   + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}")
+                   + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}"
+                   + (f" | {s['empty_masks']} of {len(records)} frames predicted EMPTY where the ground truth "
+                      f"has vessel" if s["empty_masks"] else ""))
         del model
 
     names = list(summary)
-    table = stage_table(summary)
+    table = stage_table(summary, caption)
     if args.video_mode:
         table += "\n\n" + video_table(summary)
     print0(table)
@@ -397,7 +474,9 @@ def main(args):
             writer.writeheader()
             writer.writerows(rows)
         write_json(os.path.join(args.output, "summary.json"), dict(data=args.data, split=args.split, model=args.model,
-                                                                   samples=len(dataset), checkpoints=summary))
+                                                                   samples=len(dataset), folder_frames=total,
+                                                                   videos=len({f.video for f in frames}),
+                                                                   checkpoints=summary))
         with open(os.path.join(args.output, "stage_table.md"), "w") as f:
             f.write(table + "\n")
         print0(f"wrote {args.output}/metrics.csv, summary.json, stage_table.md" + (", overlays/" if args.overlays else "")

@@ -46,8 +46,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import cli
-from common.data import DataError, EvalSampler, VesselDataset, cap_frames, frame_mask, list_images, load_splits, \
-    read_mask, scan_folder
+from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_frames, check_masks, frame_mask,
+                         list_images, load_splits, read_mask, scan_folder)
 from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
 from common.evaluation import predict_probabilities
 from common.forward import forward_batch, full_size_logits, move_batch
@@ -266,12 +266,13 @@ def main(args):
     if args.mode == "generate" and args.num_samples < 1:
         raise SystemExit("--num_samples must be >= 1")
     frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
-                         allow_empty_annotations=args.allow_empty_annotations)
+                         allow_empty_annotations=args.allow_empty_annotations, mask_rule=MaskRule.from_args(args))
     if args.split != "all":
         splits = load_splits(args.data, frames, args.val_fraction, args.seed)
         if args.split not in splits:
             raise SystemExit(f"--split {args.split}: the data has splits {sorted(splits)}")
         frames = cap_frames(splits[args.split], args.max_train_samples if args.split == "train" else args.max_val_samples)
+    check_masks(frames, args.split, args.data)  # pairs ranked by IoU to all-empty masks would be noise
     print0(f"{args.mode}: {len(frames)} images of {args.data} ({args.split})")
 
     if args.mode == "from_predictions":

@@ -15,7 +15,6 @@ with --plot, <output>/dice_plots/<video>.png (Dice over frame index, clusters sh
 Prints the bucket histogram, the hardest samples and the clusters.
 """
 import os
-import re
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common import cli
-from common.data import EvalSampler, VesselDataset, select_split
+from common.data import EvalSampler, VesselDataset, file_names, select_split
 from common.engine import cleanup, init_distributed, is_main, print0, seed_everything, write_json
 from common.evaluation import score_loader
 from common.lora import load_stage
@@ -140,8 +139,9 @@ def print_report(report, top=10):
         print(f"  {s['key']:<32} {s['video']:<20} {s['frame']:6d} {s['dice']:7.4f} {s['recall']:7.4f} "
               f"{s['precision']:9.4f}")
     clusters = report["clusters"]
+    single = len({s["video"] for s in report["scores"]}) == len(report["scores"])
     print(f"temporal hard clusters (>= {report['min_cluster_len']} hard frames, gaps <= {report['max_gap']}): "
-          f"{len(clusters)}")
+          f"{len(clusters)}" + (" (every video has one frame: still images have no temporal clusters)" if single else ""))
     for c in clusters:
         print(f"  {c['video']:<20} frames {c['first_frame']}-{c['last_frame']} ({c['length']} frames, "
               f"{c['hard_frames']} hard) mean Dice {c['mean_dice']:.4f} min {c['min_dice']:.4f}")
@@ -181,18 +181,17 @@ def plot_video(path, video, rows, threshold, clusters, height=220):
 
 
 def write_plots(report, folder):
-    os.makedirs(folder, exist_ok=True)
-    by_video, names = {}, set()
+    """One plot per video of two or more frames (a one-point plot says nothing); returns how many."""
+    by_video = {}
     for s in report["scores"]:
         by_video.setdefault(s["video"], []).append((s["frame"], s["dice"]))
-    for video, rows in sorted(by_video.items()):
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", video) or "video"
-        while name in names:  # two video ids that sanitise alike
-            name += "_"
-        names.add(name)
-        plot_video(os.path.join(folder, name + ".png"), video, sorted(rows), report["threshold_hard"],
+    names = file_names([v for v, rows in by_video.items() if len(rows) > 1])  # unique even when ids sanitise alike
+    if names:
+        os.makedirs(folder, exist_ok=True)
+    for video, name in names.items():
+        plot_video(os.path.join(folder, name + ".png"), video, sorted(by_video[video]), report["threshold_hard"],
                    [c for c in report["clusters"] if c["video"] == video])
-    return len(by_video)
+    return len(names)
 
 
 def main(args):
@@ -219,7 +218,8 @@ def main(args):
         print(f"wrote {path}")
         if args.plot:
             n = write_plots(report, os.path.join(args.output, "dice_plots"))
-            print(f"wrote {n} plot(s) to {os.path.join(args.output, 'dice_plots')}")
+            print(f"wrote {n} plot(s) to {os.path.join(args.output, 'dice_plots')}" if n else
+                  "no Dice plot: every video has one frame (still images have no Dice over time)")
     cleanup()
     return report
 

@@ -9,7 +9,11 @@
 #   MODEL      base Sa2VA folder (InternVL or Qwen-VL family), `tiny` or `tiny-qwenvl` (default: tiny)
 #   DATA       data folder (images/ + masks/ or annotations.json); default: synthetic videos in $OUT/data
 #   FORMAT     layout of the generated synthetic data: masks | annotations (default masks)
-#   OUT        output folder (default outputs/<preset>)
+#   OUT        output folder (default outputs/<preset> in this project folder)
+#              (relative MODEL, DATA, OUT and HOSTFILE are read from the directory you run this in)
+#   STILL_IMAGES=1  DATA is a folder of still images, not video frames (drive_01.png ... drive_20.png): each
+#              image is its own video (--still_images); the video stage is skipped
+#   MASK_RULE, VESSEL_VALUES  how mask values become vessel (--mask_rule, --vessel_values; README "Your own data")
 #   STAGES     comma list of sft,dpo,hard,ppo,eval,video,merge (default: all); a finished stage is
 #              skipped, an interrupted one resumes, STAGES=hard re-runs only that one
 #   NUM_GPUS   GPUs per node (default: all visible); HOSTFILE for several nodes
@@ -19,6 +23,12 @@
 #   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
 set -euo pipefail
+# paths the user typed are relative to the directory they typed them in, not to this project
+abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+[ -n "${DATA:-}" ] && DATA=$(abspath "$DATA")
+[ -n "${OUT:-}" ] && OUT=$(abspath "$OUT")
+[ -n "${HOSTFILE:-}" ] && HOSTFILE=$(abspath "$HOSTFILE")
+[ -n "${MODEL:-}" ] && [ -e "$MODEL" ] && MODEL=$(abspath "$MODEL")  # `tiny` and friends are names, not paths
 cd "$(dirname "$0")"
 
 PRESET=${1:-quick}
@@ -41,35 +51,43 @@ elif [ "$PRESET" = quick ]; then
 else
   MAX_TRAIN=${MAX_TRAIN:-1000}; MAX_VAL=${MAX_VAL:-100}; EPOCHS=3
 fi
+# argument lists are bash arrays: every path keeps its spaces (${A[@]+"${A[@]}"}: an empty array
+# under set -u on bash < 4.4)
 if [ "$TINY" = 1 ]; then
   # a 0.3M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run")
-  SFT_ARGS="--epochs 8 --lr 3e-3 --lora_preset small"
-  DPO_ARGS="--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1"  # beta: README, "DPO"
-  HARD_ARGS="--epochs 5 --lr 1e-3"
+  SFT_ARGS=(--epochs 8 --lr 3e-3 --lora_preset small)
+  DPO_ARGS=(--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1)  # beta: README, "DPO"
+  HARD_ARGS=(--epochs 5 --lr 1e-3)
   # the tiny model is far below 0.75 on almost every frame: take the washed-out ones as hard
-  MINE_ARGS="--threshold_hard 0.3"
-  PPO_ARGS="--epochs 2 --lr 5e-4 --group_size 8 --kl_coef 0.02"
+  HARD_DICE=0.3
+  PPO_ARGS=(--epochs 2 --lr 5e-4 --group_size 8 --kl_coef 0.02)
 else
-  SFT_ARGS="--epochs $EPOCHS --lr 1e-4 --lora_preset medium"
-  DPO_ARGS="--epochs 1 --lr 5e-6 --grad_accum 4"
-  HARD_ARGS="--epochs 5 --lr 1e-5 --grad_accum 2 --weight_decay 0.01"
-  MINE_ARGS="--threshold_hard 0.75"
-  PPO_ARGS="--epochs 1 --lr 1e-5"
+  SFT_ARGS=(--epochs "$EPOCHS" --lr 1e-4 --lora_preset medium)
+  DPO_ARGS=(--epochs 1 --lr 5e-6 --grad_accum 4)
+  HARD_ARGS=(--epochs 5 --lr 1e-5 --grad_accum 2 --weight_decay 0.01)
+  HARD_DICE=0.75
+  PPO_ARGS=(--epochs 1 --lr 1e-5)
 fi
-COMMON="--model $MODEL --max_train_samples $MAX_TRAIN --max_val_samples $MAX_VAL"
-[ "${BF16:-0}" = 1 ] && COMMON="$COMMON --bf16"
+MINE_ARGS=(--threshold_hard "$HARD_DICE")
+# the data flags every script gets (evaluate.py too)
+DATA_ARGS=()
+[ "${STILL_IMAGES:-0}" = 1 ] && DATA_ARGS+=(--still_images)
+[ -n "${MASK_RULE:-}" ] && DATA_ARGS+=(--mask_rule "$MASK_RULE")
+[ -n "${VESSEL_VALUES:-}" ] && DATA_ARGS+=(--vessel_values "$VESSEL_VALUES")
+COMMON=(--model "$MODEL" --max_train_samples "$MAX_TRAIN" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
+[ "${BF16:-0}" = 1 ] && COMMON+=(--bf16)
 
 # ---- launcher: DeepSpeed when it and GPUs are there, plain python otherwise
 GPUS=0
 command -v nvidia-smi >/dev/null 2>&1 && GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
 if [ "$GPUS" -gt 0 ] && command -v deepspeed >/dev/null 2>&1; then
   NUM_GPUS=${NUM_GPUS:-$GPUS}
-  LAUNCH="deepspeed --num_gpus $NUM_GPUS --master_port ${MASTER_PORT:-29513}"
-  [ -n "${HOSTFILE:-}" ] && LAUNCH="deepspeed --hostfile $HOSTFILE --master_port ${MASTER_PORT:-29513}"
-  TRAIN_EXTRA="--engine ${ENGINE:-torch} --zero_stage $ZERO_STAGE"
+  LAUNCH=(deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29513}")
+  [ -n "${HOSTFILE:-}" ] && LAUNCH=(deepspeed --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29513}")
+  TRAIN_EXTRA=(--engine "${ENGINE:-torch}" --zero_stage "$ZERO_STAGE")
 else
-  LAUNCH="$PYTHON"
-  TRAIN_EXTRA=""
+  LAUNCH=("$PYTHON")
+  TRAIN_EXTRA=()
 fi
 
 banner() { printf '\n==== %s ====\n' "$*"; }
@@ -83,9 +101,9 @@ train() {
   if [ -n "$dir" ] && [ -f "$dir/training_info.json" ] && ! [[ ",${RERUN:-}," == *",$stage,"* ]]; then
     echo "$stage: finished earlier in $dir (RERUN=$stage to run it again)"; return
   fi
-  local resume=""
-  [ -n "$dir" ] && [ ! -f "$dir/training_info.json" ] && resume="--resume $dir" && echo "$stage: resuming $dir"
-  $LAUNCH "$script" $COMMON --data "$DATA" --output "$OUT/$stage" $TRAIN_EXTRA $resume "$@"
+  local resume=()
+  if [ -n "$dir" ] && [ ! -f "$dir/training_info.json" ]; then resume=(--resume "$dir"); echo "$stage: resuming $dir"; fi
+  "${LAUNCH[@]}" "$script" "${COMMON[@]}" --data "$DATA" --output "$OUT/$stage" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} ${resume[@]+"${resume[@]}"} "$@"
 }
 
 mkdir -p "$OUT"
@@ -93,58 +111,62 @@ START=$(date +%s)
 if [ -z "${DATA:-}" ]; then
   DATA="$OUT/data"
   banner "synthetic vessel videos -> $DATA"
-  $PYTHON -m common.synth --out "$DATA" --videos 12 --frames 12 --size 128 --seed 0 --format "$FORMAT"
+  "$PYTHON" -m common.synth --out "$DATA" --videos 12 --frames 12 --size 128 --seed 0 --format "$FORMAT"
 fi
 
 if wants sft; then
   banner "stage 1: LoRA SFT (Dice + BCE through the forward path)"
-  [ "${COMPILE:-0}" = 1 ] && SFT_ARGS="$SFT_ARGS --compile"
-  train sft train_sft.py $SFT_ARGS
+  [ "${COMPILE:-0}" = 1 ] && SFT_ARGS+=(--compile)
+  train sft train_sft.py "${SFT_ARGS[@]}"
 fi
 SFT=$(run_dir sft)/best
 
 if wants dpo; then
-  banner "stage 2: DPO pairs (GT chosen, the SFT model's worse prediction rejected) and DPO"
+  banner "stage 2: DPO pairs (the SFT model's own masks, greedy + sampled, ranked by IoU to the GT: best chosen, worst rejected) and DPO"
   [ -f "$OUT/pairs/dpo_annotations.json" ] || \
-    $PYTHON make_dpo_pairs.py $COMMON --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs"
-  train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" $DPO_ARGS
+    "$PYTHON" make_dpo_pairs.py "${COMMON[@]}" --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs"
+  train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" "${DPO_ARGS[@]}"
 fi
 DPO=$(run_dir dpo)/best
 
 if wants hard; then
-  banner "stage 3: hard-sample mining (Dice < 0.75, temporal clusters) and hard training"
+  banner "stage 3: hard-sample mining (Dice < $HARD_DICE$([ "${STILL_IMAGES:-0}" = 1 ] || echo ', temporal clusters')) and hard training"
   [ -f "$OUT/mine/hard_samples.json" ] || \
-    $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot $MINE_ARGS
-  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" $MINE_ARGS $HARD_ARGS
+    "$PYTHON" mine_hard.py "${COMMON[@]}" --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot \
+      "${MINE_ARGS[@]}"
+  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" "${MINE_ARGS[@]}" "${HARD_ARGS[@]}"
 fi
 HARD=$(run_dir hard)/best
 
 if wants ppo; then
   banner "RL alternative: PPO with segmentation rewards, from the SFT model"
-  train ppo train_ppo.py --init "$SFT" $PPO_ARGS
+  train ppo train_ppo.py --init "$SFT" "${PPO_ARGS[@]}"
 fi
 PPO=$(run_dir ppo)/best
 
 if wants eval; then
   banner "evaluation: every stage side by side"
-  CKPTS="base"
+  CKPTS=(base)
   for pair in "sft=$SFT" "dpo=$DPO" "hard=$HARD" "ppo=$PPO"; do
-    [ -f "${pair#*=}/stage.json" ] && CKPTS="$CKPTS $pair"
+    [ -f "${pair#*=}/stage.json" ] && CKPTS+=("$pair")
   done
-  $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints $CKPTS \
-    --output "$OUT/eval" --panel 4 --overlays 2
+  "$PYTHON" evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} \
+    --checkpoints "${CKPTS[@]}" --output "$OUT/eval" --panel 4 --overlays 2
 fi
 
-if wants video && [ -f "$HARD/stage.json" ]; then
+if wants video && [ -f "$HARD/stage.json" ] && [ "${STILL_IMAGES:-0}" = 1 ]; then
+  banner "SAM2 video memory: skipped (STILL_IMAGES=1: every image is its own video, no memory to carry)"
+elif wants video && [ -f "$HARD/stage.json" ]; then
   banner "SAM2 video memory: per-frame vs video mode, on all validation frames and on the temporal hard clusters"
-  if [ "$($PYTHON -c "import json, os, sys; from common.sa2va import QWENVL, folder_family; m = sys.argv[1]
+  if [ "$("$PYTHON" -c "import json, os, sys; from common.sa2va import QWENVL, folder_family; m = sys.argv[1]
 print(m == 'tiny-qwenvl' or (os.path.isfile(f'{m}/config.json') and folder_family(json.load(open(f'{m}/config.json'))) == QWENVL))" "$MODEL")" = True ]; then
     echo "video mode follows the InternVL family's released video inference: skipped for $MODEL"
   else
     # the clusters are mined on the validation split with the final model, then both modes are scored there
     [ -f "$OUT/mine_val/hard_samples.json" ] || \
-      $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$HARD" --split val --output "$OUT/mine_val" $MINE_ARGS
-    $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints "sft=$SFT" \
+      "$PYTHON" mine_hard.py "${COMMON[@]}" --data "$DATA" --init "$HARD" --split val --output "$OUT/mine_val" \
+        "${MINE_ARGS[@]}"
+    "$PYTHON" evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --checkpoints "sft=$SFT" \
       "hard=$HARD" --video_mode --hard_clusters "$OUT/mine_val/hard_samples.json" --output "$OUT/eval_video" \
       --overlays 0 --no_cldice
   fi
@@ -152,7 +174,7 @@ fi
 
 if wants merge && [ -f "$HARD/stage.json" ]; then
   banner "merge: fold LoRA + trained heads of the stage-3 model into a standalone checkpoint, and check it"
-  $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
+  "$PYTHON" merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
 fi
 
 banner "done in $(( $(date +%s) - START )) s"

@@ -37,7 +37,7 @@ import time
 import torch
 
 from common import cli
-from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
                            is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions,
                            write_json)
@@ -136,7 +136,8 @@ def main(args):
 
     _, val_frames = build_splits(args.data, args.val_fraction, args.seed, 0, args.max_val_samples, args.video_regex,
                                  args.resize_masks, data_format=args.data_format,
-                                 allow_empty_annotations=args.allow_empty_annotations)
+                                 allow_empty_annotations=args.allow_empty_annotations,
+                                 mask_rule=MaskRule.from_args(args))
     train_pairs, held_pairs = split_pairs(args, load_pairs(args.pairs, args.min_iou_gap, args.video_regex), val_frames)
     train_pairs = train_pairs[:args.max_train_samples or None]
     held_pairs = held_pairs[:args.max_val_samples or None]  # --max_val_samples caps both validation sets
@@ -155,7 +156,8 @@ def main(args):
     # the engine counts micro-steps across epochs: leftovers of one epoch complete a step in the next
     total_steps = max(1, math.ceil(sampler.per_rank / args.batch_size) * args.epochs // args.grad_accum)
     logger.line(f"pairs: {len(train_set)} train / {len(held_set)} held-out ({len({e['video'] for e in train_pairs})} / "
-                f"{len({e['video'] for e in held_pairs})} videos); val split {len(val_set)} frames; effective batch "
+                f"{len({e['video'] for e in held_pairs})} videos); val split {describe_split(val_frames)}; "
+                f"effective batch "
                 f"{args.batch_size} x {args.grad_accum} accum x {world_size} procs; {total_steps} optimizer steps")
 
     share = disputed_share(train_pairs)

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, build_splits, dihedral, frame_mask, image_size,
-                         view_key)
+from common.data import (VIEWS, DataError, EvalSampler, MaskRule, VesselDataset, build_splits, describe_split,
+                         dihedral, frame_mask, image_size, view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
@@ -166,7 +166,7 @@ def epoch_dataset(model, frames, items, cache, fill, processor, loader_kw, args,
 
 def hard_loss(model, batch, device, cache, dice_weight, bce_weight, pos_weight=None,
               autocast=contextlib.nullcontext):
-    """dict(loss, dice, bce) of one batch through the forward path (frozen features from `cache`)."""
+    """dict(loss, dice_loss, bce) of one batch through the forward path (frozen features from `cache`)."""
     masks = [m.to(device).float() for m in batch["masks"]]
     batch = move_batch(batch, device)
     with autocast():
@@ -230,7 +230,8 @@ def main(args):
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
                                             args.max_val_samples, args.video_regex, args.resize_masks,
                                             data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations)
+                                            allow_empty_annotations=args.allow_empty_annotations,
+                                            mask_rule=MaskRule.from_args(args))
     if not val_frames:
         raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -273,8 +274,8 @@ def main(args):
     model = engine.module
     cache = FeatureCache(device, args.feature_cache_gb)
     cached_masks = {}  # view key -> mask of the cached items (host memory: one byte per pixel)
-    logger.line(f"data: {len(train_frames)} train / {len(val_frames)} val frames; {planned} hard + {n_easy} easy "
-                f"replayed per epoch; effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} "
+    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; {planned} hard + "
+                f"{n_easy} easy replayed per epoch; effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} "
                 f"procs; ~{total_steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} (its [SEG] states "
                 f"{'are' if llm_is_frozen(model) else 'are not'} cached)")
 

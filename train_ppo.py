@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 
 from common import cli
-from common.data import EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, save_trainer_state,
                            start_run, versions, write_json)
@@ -258,7 +258,8 @@ def main(args):
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
                                             args.max_val_samples, args.video_regex, args.resize_masks,
                                             data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations)
+                                            allow_empty_annotations=args.allow_empty_annotations,
+                                            mask_rule=MaskRule.from_args(args))
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
@@ -270,8 +271,8 @@ def main(args):
     batches_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch * args.ppo_epochs // args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
-    logger.line(f"data: {len(train_set)} train / {len(val_set)} val frames; rollouts of {args.rollout_batches} x "
-                f"{args.batch_size} images x {args.group_size} masks x {world_size} procs, {args.ppo_epochs} PPO "
+    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; rollouts of "
+                f"{args.rollout_batches} x {args.batch_size} images x {args.group_size} masks x {world_size} procs, {args.ppo_epochs} PPO "
                 f"epochs each; {total_steps} optimizer steps")
 
     engine = build_engine(model, param_groups, args, total_steps, device, deepspeed_on, world_size)

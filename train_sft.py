@@ -19,7 +19,8 @@ import time
 import torch
 
 from common import cli
-from common.data import AugmentedViews, EvalSampler, ShardedSampler, VesselDataset, build_splits
+from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits,
+                         describe_split)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import collapse_warning, validate
@@ -48,17 +49,17 @@ def parse_args(argv=None):
 
 
 def main(args):
-    # ---- setup
+    # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
+    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
+                                            args.max_val_samples, args.video_regex, args.resize_masks,
+                                            data_format=args.data_format,
+                                            allow_empty_annotations=args.allow_empty_annotations,
+                                            mask_rule=MaskRule.from_args(args))
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
-
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations)
     train_set = VesselDataset(train_frames, args.resize_masks)
     if args.augment:
         train_set = AugmentedViews(train_set, args.seed)
@@ -72,8 +73,7 @@ def main(args):
     micro_steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     steps_per_epoch = max(1, micro_steps_per_epoch // args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
-    logger.line(f"data: {len(train_set)} train / {len(val_set)} val frames "
-                f"({len({f.video for f in train_frames})} / {len({f.video for f in val_frames})} videos); "
+    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; "
                 f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
                 f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps")
 

@@ -6,13 +6,33 @@ import argparse
 
 import torch
 
-from common.data import DATA_FORMATS, VIDEO_REGEX
+from common.data import DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, llm_module, load_model
 
 
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser that checks the shared data flags once parsed, so a bad --video_regex or mask
+    rule is a one-line usage error at start, not an IndexError or a DataError mid-run, and that
+    turns --still_images into its meaning (video_regex None: every image its own video)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "video_regex"):
+            if getattr(parsed, "still_images", False):
+                if parsed.video_regex not in (VIDEO_REGEX, None):
+                    self.error("--still_images and --video_regex exclude each other (still images have no frames)")
+                parsed.video_regex = None
+            try:
+                check_video_regex(parsed.video_regex)
+                MaskRule.from_args(parsed)
+            except DataError as e:
+                self.error(str(e))
+        return parsed, rest
+
+
 def parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_model_args(p):
@@ -42,6 +62,16 @@ def add_data_args(p, require_data=True):
     g.add_argument("--max_train_samples", type=int, default=0, help="cap on training frames (0 = all)")
     g.add_argument("--max_val_samples", type=int, default=0, help="cap on validation frames (0 = all)")
     g.add_argument("--video_regex", default=VIDEO_REGEX, help="regex with groups video and frame, applied to file stems")
+    g.add_argument("--still_images", action="store_true",
+                   help="the images are independent stills, not video frames: each is its own video (split, "
+                        "clusters, GIFs). Without it drive_01 ... drive_20 read as 20 frames of one video 'drive'")
+    g.add_argument("--mask_rule", default="auto", choices=MASK_RULES,
+                   help="how mask values become vessel: auto decides binary, small-valued (label map, 0/1 JPEG: > 0) "
+                        "and grey 0-255 masks (> half range) and refuses what it cannot tell (0/1/255 VOC-style); "
+                        "nonzero = > 0; half = > half the range; values = --vessel_values")
+    g.add_argument("--vessel_values", default=None,
+                   help="comma list of the mask values that are vessel (e.g. 1 for VOC-style 0/1/255-void masks, or "
+                        "1,2 for artery/vein label maps); every other value is background. Implies --mask_rule values")
     g.add_argument("--resize_masks", action="store_true", help="resize masks whose size differs from their image "
                                                                "(nearest) instead of stopping with an error")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")

@@ -4,10 +4,23 @@ A data folder comes in one of two layouts (`data_format`: `auto` picks the one t
 has; a folder holding both is refused until the layout is named):
 
 `masks`: `<data>/images/` + `<data>/masks/` with the same file stem (the DESIGN.md layout).
-Mask rule: a mask with at most two distinct values is read as "> 0 is vessel" (0/255, 0/1,
-16-bit 0/65535, palette indices). A mask with more values (a JPEG-compressed mask, say) is
-thresholded at half its type's range, with a warning naming the file. Empty masks are
-allowed (metrics define empty vs empty as a perfect match).
+Mask rule (`MaskRule`, --mask_rule / --vessel_values; `auto` by default). A rule must never turn
+a labelled mask into an empty one without a word (every mask empty would score Dice 1.0 against
+empty predictions), so `auto` decides only what it can tell and refuses the rest:
+- at most two distinct values (0/255, 0/1, 16-bit 0/65535, palette indices): vessel = value > 0;
+- maximum <= SMALL_LABEL_MAX (a label map 0 = background, 1 = artery, 2 = vein; a 0/1 mask saved
+  as JPEG, whose values become 0, 1, 2...): vessel = value > 0. No 0-255 mask is that dark;
+- a few distinct values above that (<= LABEL_MAP_MAX_VALUES: VOC-style 0, 1 = vessel, 255 = void;
+  0/128/255 artery/vein): a label map whose vessel value cannot be told: refused, naming the file
+  and its values; say which values are vessel with --vessel_values (e.g. 1; others are background);
+- many distinct values (a 0/255 mask saved as JPEG, anti-aliased edges): vessel = value > half
+  the type's range (127.5 for 8 bit); refused when that leaves no vessel in a non-zero mask.
+`nonzero` (value > 0), `half` (value > half the range) and `values` (value in --vessel_values)
+apply one rule to every mask; an explicit rule that empties a non-zero mask is counted in the
+folder's mask summary (a warning), since the user chose it. RGB(A) masks are read as grey
+(L = 0.299 R + 0.587 G + 0.114 B), palette masks by their indices. Masks that are empty in the
+file are allowed (frames without vessel), but a split whose masks are ALL empty is refused
+(`check_masks`). The folder's decision is summarised in one warning when it was not plain binary.
 
 `annotations`: `<data>/images/` + `<data>/annotations.json`, Sa2VA's own fine-tuning format
 (bytedance/Sa2VA docs/finetune.md): a list of {"image": "<file name in images/>", "mask": ...,
@@ -39,7 +52,10 @@ pycocotools is imported only for this layout. `python -m common.data --to_masks 
 the masks layout of an annotations folder (to look at the masks, or to train without it).
 
 Frames of one video are near-duplicates, so without a split file the split is made by
-VIDEO, never by frame. The video of a frame comes from its stem with `VIDEO_REGEX`:
+VIDEO, never by frame. `still_images` (--still_images) makes every image its own video (folders
+of independent stills such as drive_01.png ... drive_20.png, which the default regex would read
+as 20 frames of one video `drive`). A split that leaves no validation frame is refused with the
+fix (`one_video_error`), never trained on. The video of a frame comes from its stem with `VIDEO_REGEX`:
 `<video>_frame_<n>`, `<video>_frame<n>` or `<video>_<n>`, the frame index being the LAST
 such suffix, so video ids may hold spaces, brackets, carets, dashes and more `_<digits>`
 groups (`An Cong Xue(0000932433)_1-3_1_051C3E6A_frame_000011` is frame 11 of video
@@ -71,6 +87,9 @@ VIDEO_REGEX = r"^(?P<video>.+?)_(?:frame_?)?(?P<frame>\d+)$"
 SPLITS_FILE = "splits.json"
 ANNOTATIONS_FILE = "annotations.json"
 DATA_FORMATS = ("auto", "masks", "annotations")
+MASK_RULES = ("auto", "nonzero", "half", "values")
+SMALL_LABEL_MAX = 15  # auto: a mask with values in 0..15 is a label map or a noisy 0/1 mask (> 0 is vessel)
+LABEL_MAP_MAX_VALUES = 8  # auto: this few distinct values, some above SMALL_LABEL_MAX = discrete labels
 TEXT_PROMPT = "<image>\nPlease segment the {text}."  # the default prompt with an entry's text as the object
 EDGE_TOLERANCE = 1.0  # px a polygon may reach outside its image before it is refused
 
@@ -89,14 +108,67 @@ class Frame:
     text: str = None  # annotations layout: the entry's object name(s), e.g. "blood vessel"
     bits: np.ndarray = field(default=None, repr=False, compare=False)  # annotations: np.packbits(target)
     shape: tuple = None  # (H, W) of the target in `bits`
+    rule: "MaskRule" = None  # masks layout: how the mask file's values become vessel (None = auto)
+    vessel_pixels: int = None  # set when the folder is checked (scan_folder)
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a mask file's values become vessel pixels (module docstring): name in MASK_RULES;
+    vessel_values for `values`."""
+    name: str = "auto"
+    vessel_values: tuple = ()
+
+    @classmethod
+    def from_args(cls, args):
+        """The rule of the shared data flags (--mask_rule, --vessel_values); DataError when they disagree."""
+        name, values = getattr(args, "mask_rule", "auto"), getattr(args, "vessel_values", None)
+        if values:
+            try:
+                values = tuple(sorted({int(v) for v in str(values).split(",") if v.strip()}))
+            except ValueError:
+                raise DataError(f"--vessel_values {args.vessel_values!r}: expected integers like 1 or 1,2") from None
+            if name not in ("auto", "values"):
+                raise DataError(f"--vessel_values goes with --mask_rule values, not --mask_rule {name}")
+            return cls("values", values)
+        if name == "values":
+            raise DataError("--mask_rule values needs --vessel_values (e.g. --vessel_values 1)")
+        if name not in MASK_RULES:
+            raise DataError(f"--mask_rule must be one of {', '.join(MASK_RULES)}, not {name!r}")
+        return cls(name)
+
+
+AUTO = MaskRule()
 
 
 def parse_video(stem, video_regex=VIDEO_REGEX):
-    """(video id, frame index) of a stem; a stem that does not match is a one-frame video."""
-    m = re.match(video_regex, stem)
+    """(video id, frame index) of a stem; a stem that does not match, or any stem when
+    video_regex is None (still images), is a one-frame video."""
+    m = re.match(video_regex, stem) if video_regex else None
     if not m:
         return stem, 0
     return m.group("video"), int(m.group("frame"))
+
+
+def check_video_regex(video_regex):
+    """The compiled regex, or DataError when it is not one with the groups `video` and `frame`
+    (checked up front: a missing group would otherwise surface as IndexError mid-run)."""
+    if video_regex is None:
+        return None
+    try:
+        compiled = re.compile(video_regex)
+    except re.error as e:
+        raise DataError(f"--video_regex {video_regex!r}: not a valid regex ({e})") from None
+    missing = [g for g in ("video", "frame") if g not in compiled.groupindex]
+    if missing:
+        raise DataError(f"--video_regex {video_regex!r}: no group {' or '.join(missing)}; it needs (?P<video>...) "
+                        f"and (?P<frame>\\d+), e.g. the default {VIDEO_REGEX!r} (or --still_images: every image "
+                        f"its own video)")
+    return compiled
+
+
+LAYOUTS_HINT = ("supported layouts: <data>/images/<video>_<frame>.png + <data>/masks/<same name>, or "
+                "<data>/images/ + annotations.json; for still images <data>/images/<name>.png with --still_images")
 
 
 def list_images(folder):
@@ -123,8 +195,54 @@ def read_image(path):
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
-def read_mask(path, warn=True):
-    """Bool (H, W) vessel mask with the module's mask rule."""
+def no_images_error(folder):
+    """DataError for a folder without image files, saying what it holds instead (nested video
+    folders are the usual case) and the layouts that are read."""
+    subdirs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) \
+        if os.path.isdir(folder) else []
+    nested = (f"; it holds {len(subdirs)} folder(s), e.g. {os.path.join(folder, subdirs[0])}/: nested "
+              f"<video>/<frame> folders are not read, name the files <video>_<frame>.png in one folder instead"
+              if subdirs else "")
+    return DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}){nested}. {LAYOUTS_HINT}")
+
+
+def _values_text(array, limit=8):
+    values, counts = np.unique(array, return_counts=True)
+    shown = ", ".join(f"{v:g} ({c} px)" for v, c in zip(values[:limit].tolist(), counts[:limit].tolist()))
+    return f"{len(values)} values: {shown}" + (" ..." if len(values) > limit else "")
+
+
+def apply_mask_rule(array, rule=AUTO, path="mask"):
+    """(bool vessel mask, how) of a mask array under a MaskRule (module docstring); how names the
+    branch taken: binary, small, grey, nonzero, half, values. DataError naming `path` and its
+    values for what `auto` cannot decide, or when auto's threshold would empty a non-zero mask."""
+    rule = rule or AUTO
+    top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
+    if rule.name == "nonzero":
+        return array > 0, "nonzero"
+    if rule.name == "half":
+        return array > top / 2, "half"
+    if rule.name == "values":
+        return np.isin(array, rule.vessel_values), "values"
+    values = np.unique(array)
+    if len(values) <= 2:
+        return array > 0, "binary"
+    if values[-1] <= SMALL_LABEL_MAX:
+        return array > 0, "small"
+    fix = "--vessel_values V[,V...] (the vessel values; all others are background) or --mask_rule nonzero|half"
+    if len(values) <= LABEL_MAP_MAX_VALUES:
+        raise DataError(f"{path}: mask holds {_values_text(array)}: a label map whose vessel value cannot be told "
+                        f"(0/1/255 with 255 = void? 0/128/255 artery/vein?); say which with {fix}")
+    mask = array > top / 2
+    if array.any() and not mask.any():
+        raise DataError(f"{path}: no pixel is above half the range ({top / 2:g}), so the mask would read as empty "
+                        f"although it has non-zero pixels ({_values_text(array)}); say which values are vessel with "
+                        f"{fix}")
+    return mask, "grey"
+
+
+def read_mask_array(path):
+    """The mask file's values as a 2-D array (RGB read as grey, palette as indices); DataError if unreadable."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -135,14 +253,13 @@ def read_mask(path, warn=True):
         raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
     if array.ndim != 2:
         raise DataError(f"{path}: mask must be single-channel, got shape {array.shape}")
-    values = np.unique(array)
-    if len(values) <= 2:
-        return array > 0
-    top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
-    if warn:
-        warnings.warn(f"{path}: mask has {len(values)} distinct values, not binary; "
-                      f"thresholding at {top / 2:g} (vessel = value > half the range)")
-    return array > top / 2
+    return array
+
+
+def read_mask(path, warn=False, rule=AUTO):
+    """Bool (H, W) vessel mask under the mask rule (module docstring). `warn` is kept for old
+    callers: decisions are summarised per folder by scan_folder, not per file."""
+    return apply_mask_rule(read_mask_array(path), rule, path)[0]
 
 
 def frame_mask(frame, warn=False):
@@ -150,7 +267,7 @@ def frame_mask(frame, warn=False):
     if frame.bits is not None:
         height, width = frame.shape
         return np.unpackbits(frame.bits, count=height * width).reshape(height, width).astype(bool)
-    return read_mask(frame.mask_path, warn)
+    return read_mask(frame.mask_path, rule=frame.rule)
 
 
 def image_size(path):
@@ -181,30 +298,61 @@ def detect_format(root, data_format="auto"):
 
 
 def scan_folder(root, video_regex=VIDEO_REGEX, check=True, resize_masks=False, data_format="auto",
-                allow_empty_annotations=False):
-    """All labelled frames of a data folder (either layout), sorted by (video, frame); checked when `check`."""
+                allow_empty_annotations=False, mask_rule=None):
+    """All labelled frames of a data folder (either layout), sorted by (video, frame); checked when
+    `check` (every file decoded, `vessel_pixels` set, the mask rule's decisions summarised).
+    video_regex None = still images (every image its own video)."""
+    check_video_regex(video_regex)
     layout = detect_format(root, data_format)
     images = list_images(os.path.join(root, "images"))
     if not images:
-        raise DataError(f"{os.path.join(root, 'images')}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise no_images_error(os.path.join(root, "images"))
     if layout == "masks":
-        frames = _mask_frames(root, images, video_regex)
+        frames = _mask_frames(root, images, video_regex, mask_rule or AUTO)
     else:
         frames = _annotation_frames(root, images, video_regex, allow_empty_annotations)
     frames.sort(key=lambda f: (f.video, f.frame, f.key))
     if check:
+        decisions = {}
         for f in tqdm(frames, desc=f"checking {root}", leave=False, disable=len(frames) < 200):
-            check_frame(f, resize_masks)
+            decisions.setdefault(check_frame(f, resize_masks), []).append(f)
+        summary = mask_summary(decisions, mask_rule or AUTO)
+        if summary:
+            warnings.warn(f"{os.path.join(root, 'masks')}: {summary}")
     return frames
 
 
-def _mask_frames(root, images, video_regex):
-    masks = list_images(os.path.join(root, "masks"))
+def mask_summary(decisions, rule):
+    """One line on how the mask rule read a folder's masks, or None when every mask was plain
+    binary. decisions: {how (apply_mask_rule's, + ' emptied'): [frames]}."""
+    if set(decisions) <= {"binary", "annotations"}:
+        return None
+    said = {"binary": "two values, vessel = value > 0",
+            "small": "small values (label map, or 0/1 saved as JPEG), vessel = value > 0",
+            "grey": "many grey values (JPEG or anti-aliased 0-255), vessel = value > half the range",
+            "nonzero": "vessel = value > 0 (--mask_rule nonzero)",
+            "half": "vessel = value > half the range (--mask_rule half)",
+            "values": f"vessel = values {', '.join(map(str, rule.vessel_values))} (--vessel_values)"}
+    parts = []
+    for how, frames in sorted(decisions.items(), key=lambda kv: -len(kv[1])):
+        base, _, emptied = how.partition(" ")
+        text = f"{len(frames)} mask(s) read with {said.get(base, base)}"
+        if emptied:
+            text += (f" LEFT EMPTY although the file has non-zero values (the rule you chose reads them as "
+                     f"background)")
+        parts.append(text + f", e.g. {os.path.basename(frames[0].mask_path)}")
+    return "; ".join(parts)
+
+
+def _mask_frames(root, images, video_regex, rule):
+    mask_dir = os.path.join(root, "masks")
+    masks = list_images(mask_dir)
     missing = sorted(set(images) - set(masks))
     if missing:
-        raise DataError(f"{os.path.join(root, 'masks')}: no mask for {len(missing)} image(s), e.g. "
-                        f"{images[missing[0]]} (masks must have the image's file stem)")
-    return [Frame(stem, path, masks[stem], *parse_video(stem, video_regex)) for stem, path in images.items()]
+        nested = "" if masks else f" ({no_images_error(mask_dir)})"
+        raise DataError(f"{mask_dir}: no mask for {len(missing)} image(s), e.g. "
+                        f"{images[missing[0]]} (masks must have the image's file stem){nested}")
+    return [Frame(stem, path, masks[stem], *parse_video(stem, video_regex), rule=rule) for stem, path in images.items()]
 
 
 # ----------------------------------------------------------------------------- annotations.json
@@ -382,21 +530,30 @@ def _annotation_frames(root, images, video_regex, allow_empty):
 # ----------------------------------------------------------------------------- checks, splits, dataset
 
 def check_frame(frame, resize_masks=False):
+    """Decode the frame's image and mask, set frame.vessel_pixels; returns how the mask was read
+    (apply_mask_rule's branch, + " emptied" when a non-zero file became an empty mask)."""
     image = read_image(frame.image_path)
     if frame.bits is not None:  # rasterised at the size of the image's header
         if frame.shape != image.size[::-1]:
             raise DataError(f"{frame.image_path}: decodes to {image.size[0]}x{image.size[1]}, its header said "
                             f"{frame.shape[1]}x{frame.shape[0]}")
-        return
-    mask = read_mask(frame.mask_path)
+        frame.vessel_pixels = int(np.unpackbits(frame.bits).sum())
+        return "annotations"
+    array = read_mask_array(frame.mask_path)
+    mask, how = apply_mask_rule(array, frame.rule, frame.mask_path)
+    frame.vessel_pixels = int(mask.sum())
+    if array.any() and not frame.vessel_pixels:
+        how += " emptied"  # only an explicit rule gets here: auto refuses (apply_mask_rule)
     if mask.shape != image.size[::-1] and not resize_masks:
         raise DataError(f"{frame.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
                         f"{frame.image_path} is {image.size[0]}x{image.size[1]} (pass --resize_masks to resize "
                         f"masks with nearest neighbour)")
+    return how
 
 
 def split_by_video(frames, val_fraction=0.2, seed=0):
-    """{'train': [...], 'val': [...]} with whole videos on each side (seeded shuffle of videos)."""
+    """{'train': [...], 'val': [...]} with whole videos on each side (seeded shuffle of videos).
+    With one video there is nothing to hold out: val is empty (load_splits refuses that)."""
     videos = sorted({f.video for f in frames})
     random.Random(seed).shuffle(videos)
     n_val = max(1, round(val_fraction * len(videos))) if len(videos) > 1 else 0
@@ -404,11 +561,43 @@ def split_by_video(frames, val_fraction=0.2, seed=0):
     return {"train": [f for f in frames if f.video not in val], "val": [f for f in frames if f.video in val]}
 
 
+def one_video_error(root, frames):
+    """DataError for a folder whose frames form one video: a split by video has no validation side.
+    Folders of still images named <name>_NN land here (drive_01 ... drive_20 = video 'drive')."""
+    video, first, last = frames[0].video, min(f.frame for f in frames), max(f.frame for f in frames)
+    return DataError(f"{root}: all {len(frames)} frame(s) are ONE video {video!r} by --video_regex (frames {first} to "
+                     f"{last}), so a split by video leaves no validation frame. Still images (independent pictures "
+                     f"named like {frames[0].key}): pass --still_images (run.sh: STILL_IMAGES=1), each image is then "
+                     f"its own video. One real video: list the stems of each split in {os.path.join(root, SPLITS_FILE)}")
+
+
+def describe_split(frames):
+    """'N frames of V videos' (the start-up lines say this for every split)."""
+    return f"{len(frames)} frames of {len({f.video for f in frames})} videos"
+
+
+def check_masks(frames, what, root):
+    """DataError when a split is empty or every checked mask of it is empty: scores would compare
+    empty with empty (Dice 1.0) and training would learn to predict nothing."""
+    if not frames:
+        raise DataError(f"{root}: the {what} split has no frames")
+    counted = [f.vessel_pixels for f in frames if f.vessel_pixels is not None]
+    if counted and len(counted) == len(frames) and not any(counted):
+        raise DataError(f"{root}: every mask of the {what} split ({len(frames)} frames, e.g. "
+                        f"{frames[0].mask_path or frames[0].image_path}) is empty: no vessel pixel to learn or score "
+                        f"(an empty prediction would score Dice 1.0). Check the masks and the mask rule "
+                        f"(--mask_rule, --vessel_values), or raise the caps (--max_train_samples, --max_val_samples)")
+
+
 def load_splits(root, frames, val_fraction=0.2, seed=0):
-    """The folder's splits.json if present (validated), else a split by video."""
+    """The folder's splits.json if present (validated), else a split by video (refused when the
+    folder is one video: see one_video_error)."""
     path = os.path.join(root, SPLITS_FILE)
     if not os.path.exists(path):
-        return split_by_video(frames, val_fraction, seed)
+        splits = split_by_video(frames, val_fraction, seed)
+        if not splits["val"] and frames:
+            raise one_video_error(root, frames)
+        return splits
     try:
         with open(path) as f:
             spec = json.load(f)
@@ -432,17 +621,37 @@ def cap_frames(frames, limit):
     return frames if not limit or limit <= 0 else frames[:limit]
 
 
-def select_split(args, split):
+def select_split(args, split, with_total=False):
     """The frames of one split (`all` = every frame) from the shared data flags, capped as the
-    training scripts cap them, so a list mined or scored here names the frames they train on."""
-    frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
-                         allow_empty_annotations=args.allow_empty_annotations)
-    if split == "all":
-        return frames
-    splits = load_splits(args.data, frames, args.val_fraction, args.seed)
-    if split not in splits:
-        raise DataError(f"{args.data}: no split {split!r}; it has {sorted(splits)} (or use all)")
-    return cap_frames(splits[split], args.max_train_samples if split == "train" else args.max_val_samples)
+    training scripts cap them, so a list mined or scored here names the frames they train on.
+    Refused when empty or all its masks are empty (check_masks). with_total: (frames, frames in
+    the folder)."""
+    frames = everything = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks,
+                                      data_format=args.data_format, allow_empty_annotations=args.allow_empty_annotations,
+                                      mask_rule=MaskRule.from_args(args))
+    if split != "all":
+        splits = load_splits(args.data, frames, args.val_fraction, args.seed)
+        if split not in splits:
+            raise DataError(f"{args.data}: no split {split!r}; it has {sorted(splits)} (or use all)")
+        frames = cap_frames(splits[split], args.max_train_samples if split == "train" else args.max_val_samples)
+    check_masks(frames, split, args.data)
+    return (frames, len(everything)) if with_total else frames
+
+
+def file_names(ids):
+    """{id: file-name stem unique among ids}: characters outside [A-Za-z0-9._-] become _, and ids
+    that then collide ("left eye" / "left_eye"; also by case, for macOS and Windows disks) get
+    -2, -3, ... so no per-video output overwrites another."""
+    out, taken = {}, set()
+    for i in sorted(ids):
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", i) or "video"
+        name, n = base, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name.lower())
+        out[i] = name
+    return out
 
 
 class VesselDataset(torch.utils.data.Dataset):
@@ -513,14 +722,18 @@ class AugmentedViews(torch.utils.data.Dataset):
 
 
 def build_splits(root, val_fraction=0.2, seed=0, max_train_samples=0, max_val_samples=0, video_regex=VIDEO_REGEX,
-                 resize_masks=False, data_format="auto", allow_empty_annotations=False):
-    """(train frames, val frames) of a data folder of either layout, checked and capped."""
+                 resize_masks=False, data_format="auto", allow_empty_annotations=False, mask_rule=None):
+    """(train frames, val frames) of a data folder of either layout, checked and capped. Neither
+    may be empty nor have only empty masks (check_masks): a training run validates on val."""
     frames = scan_folder(root, video_regex, resize_masks=resize_masks, data_format=data_format,
-                         allow_empty_annotations=allow_empty_annotations)
+                         allow_empty_annotations=allow_empty_annotations, mask_rule=mask_rule)
     splits = load_splits(root, frames, val_fraction, seed)
-    if not splits.get("train") and not splits.get("val"):
-        raise DataError(f"{root}: empty split")
-    return cap_frames(splits.get("train", []), max_train_samples), cap_frames(splits.get("val", []), max_val_samples)
+    train = cap_frames(splits.get("train", []), max_train_samples)
+    val = cap_frames(splits.get("val", []), max_val_samples)
+    where = os.path.join(root, SPLITS_FILE) if os.path.exists(os.path.join(root, SPLITS_FILE)) else root
+    check_masks(train, "train", where)
+    check_masks(val, "val", where)
+    return train, val
 
 
 class ShardedSampler(torch.utils.data.Sampler):

@@ -48,7 +48,8 @@ def mask_log_likelihood(logits, target):
 def segmentation_loss(logits_list, masks, dice_weight=1.0, bce_weight=1.0, pos_weight=None):
     """Weighted Dice + BCE over a batch of masks of possibly different sizes (`pos_weight`:
     sigmoid_bce's). logits_list, masks: lists of (H_i, W_i). Returns dict(loss, dice_loss, bce),
-    each the batch mean."""
+    each the batch mean. The key is dice_loss, not dice: it is 1 - soft Dice (lower is better) and
+    is logged as train/dice_loss next to val/mean_dice, the score."""
     if len({tuple(m.shape) for m in masks}) == 1:  # equal sizes: one batched call, the same terms
         logits, target = torch.stack(list(logits_list)), torch.stack(list(masks))
         dice, bce = dice_loss(logits, target).mean(), sigmoid_bce(logits, target, pos_weight).mean()

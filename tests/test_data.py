@@ -56,15 +56,17 @@ def test_size_mismatch_stops_unless_resize_masks(tmp_path):
         VesselDataset(frames)[1]
 
 
-def test_non_binary_mask_warns_and_thresholds_at_half_range(tmp_path):
+def test_grey_mask_with_many_values_is_thresholded_at_half_range(tmp_path):
+    """A 0/255 mask with JPEG-like noise (many values) is read as > 127.5; the folder's mask
+    summary says so once (not a warning per file); a mask of a few values is refused (test_user_folder)."""
     m = vessel(200)
-    m[0, 0], m[9, 13] = 100, 128  # 4 values: 0, 100, 128, 200 -> vessel where > 127.5
-    path = os.path.join(tmp_path, "m.png")
-    Image.fromarray(m).save(path)
-    with pytest.warns(UserWarning, match="4 distinct values, not binary; thresholding at 127.5"):
-        out = read_mask(path)
-    np.testing.assert_array_equal(out, m > 127)
-    assert out[9, 13] and not out[0, 0]
+    m[0, :12] = np.arange(1, 13) * 10  # 10..120: ringing below half the range
+    m[9, 13] = 128
+    root = make_folder(tmp_path, mask=m)
+    np.testing.assert_array_equal(read_mask(os.path.join(root, "masks", "v1_frame_1.png")), m > 127)
+    with pytest.warns(UserWarning, match=r"2 mask\(s\) read with many grey values .* vessel = value > half the range"):
+        frames = scan_folder(root)
+    assert [f.vessel_pixels for f in frames] == [31, 31]
 
 
 @pytest.mark.parametrize("kind", ["zeros", "0/1", "16-bit", "16-bit non-binary", "palette", "rgb"])
@@ -80,7 +82,7 @@ def test_mask_encodings(tmp_path, kind):
         Image.fromarray(vessel(65535, np.uint16)).save(path)
     elif kind == "16-bit non-binary":
         m = vessel(40000, np.uint16)
-        m[0, 0] = 1000  # below half of 65535: background
+        m[0, :10] = np.arange(1, 11) * 1000  # many values, all below half of 65535: background
         Image.fromarray(m).save(path)
     elif kind == "palette":
         im = Image.fromarray(vessel(1)).convert("P")
@@ -90,11 +92,7 @@ def test_mask_encodings(tmp_path, kind):
         Image.fromarray(np.repeat(vessel()[..., None], 3, axis=2)).save(path)
     with Image.open(path) as im:
         assert im.mode == {"16-bit": "I;16", "16-bit non-binary": "I;16", "palette": "P", "rgb": "RGB"}.get(kind, "L")
-    if kind == "16-bit non-binary":
-        with pytest.warns(UserWarning, match="thresholding at 32767.5"):
-            out = read_mask(path)
-    else:
-        out = read_mask(path)
+    out = read_mask(path)
     np.testing.assert_array_equal(out, expected)
 
 
