@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from common.data import VIDEO_REGEX, DATA_FORMATS, build_splits, frame_mask, read_image
 from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
-                           save_trainer_state, seed_everything, versions, write_json)
+                           save_trainer_state, seed_everything, write_json)
 from common.losses import segmentation_loss
 from common.rewards import overlap_metrics
 
@@ -171,7 +171,7 @@ def parameter_count(model):
 
 def normalise(image):
     """Float32 (3, H, W) tensor: each channel of a uint8 (H, W, 3) array standardised over the frame."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
     return (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1.0)
 
 
@@ -277,6 +277,14 @@ def validate_unet(model, frames, threshold, device):
     scores = [overlap_metrics(unet_probabilities(model, read_image(f.image_path), device) > threshold,
                               torch.from_numpy(frame_mask(f))) for f in frames]
     return {f"mean_{k}": float(torch.cat([s[k] for s in scores]).mean()) for k in scores[0]} | dict(samples=len(frames))
+
+
+def versions():
+    """What the run depended on (common.engine.versions would import transformers and peft: ~10 s)."""
+    import platform
+    import skimage
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                scikit_image=skimage.__version__)
 
 
 def parse_args(argv=None):
