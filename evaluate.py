@@ -23,6 +23,11 @@ writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, o
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
 and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
 
+--baselines frangi,unet adds two rows scored with the same metrics, threshold and frames: Frangi
+vesselness (no learning; polarity, sigmas and threshold fitted on the train split) and a U-Net
+trained on the stages' train split (--unet RUN reuses a `python -m common.baselines` run; without
+it one is trained into <output>/unet/). stage_table.md then gives every row's Dice gap to the U-Net.
+
 --video_mode segments each video with SAM2's memory across frames, as the released Sa2VA video
 inference does (common/video.py): on a labelled folder every checkpoint is scored per frame and in
 video mode (rows NAME and NAME+video; --hard_clusters adds the temporal hard clusters' mean Dice),
@@ -37,16 +42,17 @@ import torch
 from PIL import Image
 
 from common import cli
+from common import baselines
 from common.data import (ANNOTATIONS_FILE, DataError, EvalSampler, VesselDataset, describe_split, file_names,
                          list_images, no_images_error, parse_video, read_image, select_split)
 from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
                            write_json)
-from common.evaluation import (METRICS, predict_probabilities, score_loader, score_videos, summarize,
-                               video_probabilities)
+from common.evaluation import (METRICS, frame_record, gather_records, predict_probabilities, score_loader, score_videos,
+                               summarize, video_probabilities)
 from common.forward import move_batch
-from common.lora import load_stage
+from common.lora import load_stage, read_stage_meta
 from common.rewards import cldice
-from common.sa2va import SEG, Sa2VAProcessor, describe, load_model, predict
+from common.sa2va import SEG, CheckpointError, Sa2VAProcessor, describe, load_model, predict
 from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model
 
 
@@ -68,6 +74,15 @@ def parse_args(argv=None):
     g.add_argument("--no_cldice", action="store_true", help="skip clDice (skeletons are the slow part on big sets)")
     g.add_argument("--panel", type=int, default=0,
                    help="write panel.png: N frames (hardest for the first checkpoint) x (frame, GT, every checkpoint)")
+    g = p.add_argument_group("baselines (README, Baselines)")
+    g.add_argument("--baselines", default="",
+                   help="comma list of frangi, unet: rows beside the checkpoints, same frames, metrics and threshold. "
+                        "frangi: no learning, polarity/sigmas/threshold fitted on the train split; unet: a U-Net trained "
+                        "on the train split (--unet, or trained here into <output>/unet/)")
+    g.add_argument("--unet", default=None,
+                   help="a `python -m common.baselines` run folder (or its best/) to score as the unet row")
+    g.add_argument("--unet_preset", default="auto", choices=("auto",) + tuple(baselines.UNET_PRESETS),
+                   help="preset of a U-Net trained here (no --unet): auto = strong on a GPU, small on a CPU")
     g = p.add_argument_group("prediction without ground truth")
     g.add_argument("--predict_only", action="store_true",
                    help="segment the frames instead of scoring them (on by itself when --data has no masks/ and no "
@@ -134,26 +149,82 @@ def overlay(image, gt, pred):
     return Image.fromarray(out.astype(np.uint8))
 
 
+BASELINES = ("frangi", "unet")
+
+
+def score_baseline(args, name, dataset, thresholds, rank, world_size, device):
+    """(checkpoint, records, this rank's probabilities, info) of a baseline on the scored frames: Frangi
+    fitted on the stages' train split, or a U-Net trained on it (here, or the --unet run)."""
+    train_frames = select_split(args, "train")
+    if name == "frangi":
+        try:
+            params = baselines.fit_frangi(train_frames, log=print0)
+        except ValueError as e:
+            raise SystemExit(f"--baselines frangi: {e}")
+        ckpt, predict = None, lambda image: torch.from_numpy(baselines.frangi_probabilities(image, params, args.threshold))
+        info = dict(baseline="frangi", frangi=params, description=f"no learning: Frangi vesselness, polarity, sigmas and "
+                                                                  f"threshold fitted on {len(params['fit_frames'])} train frames")
+    else:
+        run = args.unet
+        if run is None:  # trained on rank 0 into <output>/unet/, then every rank reads it
+            argv = ["--data", args.data, "--data_format", args.data_format, "--val_fraction", str(args.val_fraction),
+                    "--max_train_samples", str(args.max_train_samples), "--max_val_samples", str(args.max_val_samples),
+                    "--threshold", str(args.threshold), "--seed", str(args.seed), "--mask_rule", args.mask_rule,
+                    "--preset", args.unet_preset, "--output", os.path.join(args.output, "unet")]
+            argv += ["--still_images"] if args.video_regex is None else ["--video_regex", args.video_regex]
+            argv += ["--vessel_values", args.vessel_values] if args.vessel_values else []
+            argv += ["--resize_masks"] * args.resize_masks + ["--allow_empty_annotations"] * args.allow_empty_annotations
+            run = baselines.train_unet(baselines.parse_args(argv)) if is_main() else None
+            run = all_gather_objects(run)[0]
+        model, meta = baselines.load_unet(run, device)
+        trained_on, scored = set(meta["train_frames"]), {f.key for f in dataset.frames}
+        if trained_on & scored and args.split not in ("train", "all"):
+            raise SystemExit(f"--unet {run}: trained on {len(trained_on & scored)} of the {args.split} frames scored here "
+                             f"(e.g. {sorted(trained_on & scored)[0]}): no held-out comparison. Train it on this split: "
+                             f"python -m common.baselines --data {args.data} with the stages' --seed, --val_fraction, "
+                             f"--max_train_samples")
+        same = trained_on == {f.key for f in train_frames}
+        if not same:
+            print0(f"warning: the U-Net {run} trained on {len(trained_on)} frames, not on this split's "
+                   f"{len(train_frames)} train frames")
+        ckpt, predict = meta["checkpoint"], lambda image: baselines.unet_probabilities(model, image, device)
+        info = dict(baseline="unet", parameters=meta["parameters"], preset=meta["args"]["preset"],
+                    description=f"U-Net, {meta['parameters']:,} parameters, trained on "
+                                + ("the same split" if same else f"another split ({len(trained_on)} frames)"))
+    records, probs = [], {}
+    for i in EvalSampler(len(dataset), rank, world_size):
+        sample = dataset[i]
+        probs[sample["key"]] = predict(sample["image"]).float()
+        records.append(frame_record(sample["key"], i, probs[sample["key"]], sample["mask"], torch.tensor(thresholds)))
+    return ckpt, gather_records(records), probs, info
+
+
 def stage_table(summary, caption=None):
-    """Markdown table: checkpoint, path, mean Dice/recall/precision/IoU, delta Dice vs the row above,
-    and the degenerate masks (common.evaluation.degenerate_masks: empty, or near-full, on frames whose
-    ground truth has vessel; marked with ! when any, COLLAPSED when most), under a caption saying
-    what was scored."""
+    """Markdown table under a caption saying what was scored: checkpoint (or what a baseline is), mean
+    Dice/recall/precision/IoU, delta Dice vs the stage row above, the degenerate masks
+    (common.evaluation.degenerate_masks: empty, or near-full, on frames whose ground truth has vessel;
+    ! when any, COLLAPSED when most) and, with a unet row, every row's Dice gap to it."""
+    unet = summary.get("unet", {}).get("mean_dice") if summary.get("unet", {}).get("baseline") else None
     lines = ([caption, ""] if caption else []) + [
-        "| stage | checkpoint | mean Dice | recall | precision | IoU | delta Dice vs previous | degenerate masks |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| stage | checkpoint | mean Dice | recall | precision | IoU | delta Dice vs previous | degenerate masks |"
+        + (" Dice vs U-Net |" if unet is not None else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if unet is not None else "")]
     previous, marked = None, []
     for name, s in summary.items():
-        delta = "" if previous is None else f"{s['mean_dice'] - previous:+.4f}"
+        baseline = s.get("baseline")
+        delta = "" if previous is None or baseline else f"{s['mean_dice'] - previous:+.4f}"
         flag = "0"
-        bad = s.get("empty_masks", 0) + s.get("full_masks", 0)
-        if bad:
+        if s.get("empty_masks", 0) + s.get("full_masks", 0):
             flag = (f"{s['empty_masks']} empty, {s['full_masks']} full of {s['frames_with_vessel']} "
                     f"{'COLLAPSED' if s['collapsed'] else '!'}")
             marked.append(f"{name}: {flag}")
-        lines.append(f"| {name} | {s['checkpoint'] or 'base model'} | {s['mean_dice']:.4f} | {s['mean_recall']:.4f} | "
-                     f"{s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} | {flag} |")
-        previous = s["mean_dice"]
+        line = (f"| {name} | {s.get('description') or s['checkpoint'] or 'base model'} | {s['mean_dice']:.4f} | "
+                f"{s['mean_recall']:.4f} | {s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} | {flag} |")
+        if unet is not None:
+            line += " |" if name == "unet" else f" {s['mean_dice'] - unet:+.4f} |"
+        lines.append(line)
+        if not baseline:
+            previous = s["mean_dice"]
     if marked:
         threshold = next(iter(summary.values()))["threshold"]
         lines += ["", f"! degenerate masks: frames with vessel whose mask is empty, or covers most of the frame, at "
@@ -373,11 +444,26 @@ def main(args):
         cleanup()
         return records
     checkpoints = resolve_checkpoints(args, predicting=False)
+    for name, ckpt in checkpoints:  # a wrong folder (a U-Net run, say) stops the run before any model is loaded
+        try:
+            if ckpt:
+                read_stage_meta(ckpt)
+        except CheckpointError as e:
+            raise SystemExit(f"--checkpoints {name}={ckpt}: {e}")
     if args.answer_mode != "fixed":
         raise SystemExit("scoring runs the fixed answer (batched forward path); --answer_mode generate is for frames "
                          "without ground truth (--predict_only)")
     thresholds = sorted({float(t) for t in args.thresholds.split(",") if t} | {args.threshold})
     main_t = thresholds.index(args.threshold)
+    wanted_baselines = list(dict.fromkeys([b for b in args.baselines.split(",") if b] + ["unet"] * bool(args.unet)))
+    if set(wanted_baselines) - set(BASELINES):
+        raise SystemExit(f"--baselines: unknown {sorted(set(wanted_baselines) - set(BASELINES))}; "
+                         f"choose from {', '.join(BASELINES)}")
+    if args.unet:
+        try:
+            baselines.unet_checkpoint(args.unet)
+        except CheckpointError as e:
+            raise SystemExit(f"--unet: {e}")
     frames, total = select_split(args, args.split, with_total=True)
     dataset = VesselDataset(frames, args.resize_masks)
     by_key = {f.key: i for i, f in enumerate(frames)}
@@ -388,6 +474,54 @@ def main(args):
 
     cluster_keys = read_cluster_keys(args.hard_clusters, by_key) if args.hard_clusters else None
     rows, summary, panel_masks, panel_keys = [], {}, {}, None
+
+    def add_result(name, ckpt, records, probs, **info):
+        """One row of the comparison (a checkpoint, its video mode, or a baseline): clDice, panel, the
+        threshold sweep, metrics.csv rows, overlays; `probs` are this rank's probability maps."""
+        nonlocal panel_keys
+        # probabilities stay on the rank that made them: clDice and overlays are computed there
+        local = {}
+        for key, p in probs.items():
+            pred = (p > args.threshold).numpy()
+            local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
+        extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
+        if args.panel:
+            if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
+                panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
+            local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
+            panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
+        sweep = summarize(records, thresholds)
+        best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
+        summary[name] = dict(checkpoint=ckpt, **info, threshold=args.threshold, **sweep[float(args.threshold)],
+                             mean_cldice=None if args.no_cldice else float(np.mean([e["cldice"] for e in extra.values()])),
+                             best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
+                             sweep={str(t): v for t, v in sweep.items()})
+        if cluster_keys is not None:
+            dices = [r["dice"][main_t] for r in records if r["key"] in cluster_keys]
+            summary[name].update(cluster_frames=len(dices),
+                                 cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
+        for r in records:
+            f = frames[r["index"]]
+            rows.append(dict(checkpoint=name, checkpoint_path=ckpt or info.get("description") or "base model",
+                             sample=r["key"], video=f.video, frame=f.frame,
+                             **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
+        if is_main() and args.overlays:
+            ranked = sorted(records, key=lambda r: r["dice"][main_t])
+            chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
+            os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
+            for key, tag in chosen.items():
+                if key not in probs:
+                    continue  # scored by another rank
+                sample = dataset[by_key[key]]
+                overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
+                    os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
+        s = summary[name]
+        print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
+               f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
+               + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}"
+               + (f" | {s['empty_masks']} of {len(records)} frames predicted EMPTY where the ground truth "
+                  f"has vessel" if s["empty_masks"] else ""))
+
     for base_name, ckpt in checkpoints:
         model, tokenizer = load_model(args.model, seed=args.seed)
         if ckpt:
@@ -408,49 +542,11 @@ def main(args):
                 records, probs = score_videos(model, processor, dataset, device, thresholds, autocast=autocast,
                                               desc=f"scoring {name}", keep_probs=True, prompt=args.video_prompt,
                                               clip_frames=args.clip_frames, chunk=args.batch_size)
-            # probabilities stay on the rank that made them: clDice and overlays are computed there
-            local = {}
-            for key, p in probs.items():
-                pred = (p > args.threshold).numpy()
-                local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
-            extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
-            if args.panel:
-                if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
-                    panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
-                local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
-                panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
-            sweep = summarize(records, thresholds)
-            best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
-            summary[name] = dict(checkpoint=ckpt, threshold=args.threshold, **sweep[float(args.threshold)],
-                                 mean_cldice=None if args.no_cldice else float(np.mean([e["cldice"] for e in extra.values()])),
-                                 best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
-                                 sweep={str(t): v for t, v in sweep.items()})
-            if cluster_keys is not None:
-                dices = [r["dice"][main_t] for r in records if r["key"] in cluster_keys]
-                summary[name].update(cluster_frames=len(dices),
-                                     cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
-            for r in records:
-                f = frames[r["index"]]
-                rows.append(dict(checkpoint=name, checkpoint_path=ckpt or "base model", sample=r["key"], video=f.video,
-                                 frame=f.frame,
-                                 **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
-            if is_main() and args.overlays:
-                ranked = sorted(records, key=lambda r: r["dice"][main_t])
-                chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
-                os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
-                for key, tag in chosen.items():
-                    if key not in probs:
-                        continue  # scored by another rank
-                    sample = dataset[by_key[key]]
-                    overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
-                        os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
-            s = summary[name]
-            print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
-                   f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
-                   + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}"
-                   + (f" | {s['empty_masks']} of {len(records)} frames predicted EMPTY where the ground truth "
-                      f"has vessel" if s["empty_masks"] else ""))
+            add_result(name, ckpt, records, probs)
         del model
+    for name in wanted_baselines:
+        ckpt, records, probs, info = score_baseline(args, name, dataset, thresholds, rank, world_size, device)
+        add_result(name, ckpt, records, probs, **info)
 
     names = list(summary)
     table = stage_table(summary, caption)

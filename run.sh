@@ -22,6 +22,9 @@
 #   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
 #   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
+#   BASELINES  1 (default): Frangi (no learning) and a U-Net trained on the same split as rows of the
+#              stage table, with each stage's Dice gap to the U-Net; 0 skips them. UNET_PRESET: small
+#              (quick) or strong (full) by default (README "Baselines")
 set -euo pipefail
 # paths the user typed are relative to the directory they typed them in, not to this project
 abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
@@ -144,6 +147,23 @@ if wants ppo; then
 fi
 PPO=$(run_dir ppo)/best
 
+BASELINE_ARGS=()
+if wants eval && [ "${BASELINES:-1}" = 1 ]; then
+  banner "baseline: a U-Net trained on the same split (Frangi, no learning, is fitted by evaluate.py)"
+  UNET=$(run_dir unet)
+  if [ -z "$UNET" ] || [ ! -f "$UNET/training_info.json" ] || [[ ",${RERUN:-}," == *",unet,"* ]]; then
+    RESUME=()
+    if [ -n "$UNET" ] && [ ! -f "$UNET/training_info.json" ]; then RESUME=(--resume "$UNET"); echo "unet: resuming $UNET"; fi
+    "$PYTHON" -m common.baselines --data "$DATA" --output "$OUT/unet" --max_train_samples "$MAX_TRAIN" \
+      --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --seed "$SEED" \
+      --preset "${UNET_PRESET:-$([ "$PRESET" = quick ] && echo small || echo strong)}" ${RESUME[@]+"${RESUME[@]}"}
+    UNET=$(run_dir unet)
+  else
+    echo "unet: finished earlier in $UNET (RERUN=unet to run it again)"
+  fi
+  BASELINE_ARGS=(--baselines frangi,unet --unet "$UNET" --max_train_samples "$MAX_TRAIN")
+fi
+
 if wants eval; then
   banner "evaluation: every stage side by side"
   CKPTS=(base)
@@ -151,7 +171,8 @@ if wants eval; then
     [ -f "${pair#*=}/stage.json" ] && CKPTS+=("$pair")
   done
   "$PYTHON" evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} \
-    --checkpoints "${CKPTS[@]}" --output "$OUT/eval" --panel 4 --overlays 2
+    --seed "$SEED" --checkpoints "${CKPTS[@]}" --output "$OUT/eval" --panel 4 --overlays 2 \
+    ${BASELINE_ARGS[@]+"${BASELINE_ARGS[@]}"}
 fi
 
 if wants video && [ -f "$HARD/stage.json" ] && [ "${STILL_IMAGES:-0}" = 1 ]; then

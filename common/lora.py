@@ -169,6 +169,9 @@ class _nullcontext:
 def read_stage_meta(ckpt_dir):
     path = os.path.join(ckpt_dir, STAGE_FILE)
     if not os.path.isfile(path):
+        if any(os.path.isfile(os.path.join(ckpt_dir, *sub, "unet.json")) for sub in ((), ("best",))):
+            raise CheckpointError(f"{ckpt_dir}: a U-Net baseline (common/baselines.py, unet.json), not a Sa2VA stage "
+                                  f"checkpoint; score it with evaluate.py --baselines unet --unet {ckpt_dir}")
         raise CheckpointError(f"{ckpt_dir}: not a stage checkpoint (no {STAGE_FILE})")
     with open(path) as f:
         return json.load(f)

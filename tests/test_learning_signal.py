@@ -11,7 +11,6 @@ from PIL import Image
 
 from common.evaluation import collapse_warning, degenerate_masks, frame_record
 from common.seeds import interval, stage_gains, verdict
-from conftest import QUICK_SFT
 
 
 def record(gt, pred, pixels=100):

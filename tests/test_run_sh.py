@@ -51,6 +51,13 @@ def test_stage_table_comes_from_the_evaluation_files(quick_run):
         assert float(cells[2]) == pytest.approx(s["mean_dice"], abs=5e-5)
         assert float(cells[3]) == pytest.approx(s["mean_recall"], abs=5e-5)
         assert float(cells[4]) == pytest.approx(s["mean_precision"], abs=5e-5)
+        assert float(cells[7]) == pytest.approx(s["mean_dice"] - summary["unet"]["mean_dice"], abs=1e-4)
+    # the baselines' rows follow the stages' (README "Baselines"): Frangi, then the U-Net of the same split
+    baseline_rows = [[c.strip() for c in row.strip("|").split("|")] for row in lines[header + 7:header + 9]]
+    assert [r[0] for r in baseline_rows] == ["frangi", "unet"]
+    assert baseline_rows[0][1].startswith("no learning") and "trained on the same split" in baseline_rows[1][1]
+    for cells in baseline_rows:
+        assert float(cells[2]) == pytest.approx(summary[cells[0]]["mean_dice"], abs=5e-5)
     # the per-sample file agrees with the summary
     import csv
     with open(os.path.join(out, "eval", "metrics.csv")) as f:
@@ -82,8 +89,9 @@ def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_setting
     (MISSION.md) reach every script; sizes capped by MAX_TRAIN/MAX_VAL so CI stays in minutes."""
     out = str(tmp_path / "full")
     # every stage but video (it takes no preset setting; the quick run covers it)
+    # BASELINES=0: the full preset's strong U-Net is GPU work (the quick run covers the baselines)
     env = dict(os.environ, MODEL=tiny_folder, DATA=synth_data, OUT=out, MAX_TRAIN="8", MAX_VAL="4",
-               STAGES="sft,dpo,hard,ppo,eval,merge", PYTHONUNBUFFERED="1")
+               STAGES="sft,dpo,hard,ppo,eval,merge", BASELINES="0", PYTHONUNBUFFERED="1")
     result = subprocess.run(["bash", "run.sh", "full"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -100,5 +108,6 @@ def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_setting
     with open(os.path.join(out, "mine", "hard_samples.json")) as f:
         assert json.load(f)["threshold_hard"] == 0.75
     assert re.search(r"^\| ppo \| ", result.stdout, re.M)
+    assert not re.search(r"^\| (frangi|unet) \| ", result.stdout, re.M) and not os.path.exists(os.path.join(out, "unet"))
     merged, _ = load_model(os.path.join(out, "merged"))
     assert type(merged).__name__ == "TinySa2VAChatModel"
