@@ -4,6 +4,10 @@
 #
 #   bash run.sh quick                    # tiny model + synthetic vessel videos, CPU, minutes
 #   MODEL=/path/Sa2VA-4B DATA=/path/vessels BF16=1 bash run.sh full
+#   DATA=/path/20_to_40_still_images SEEDS=3 bash run.sh real     # a small real folder, 3 seeds, gains
+#
+# Presets: quick (caps of 100 / 24 frames, short stages), full (the mission's 1000 / 100 frames),
+# real (every frame of a small real folder, longer SFT; DATA given => STILL_IMAGES=1 unless set).
 #
 # Environment (all optional):
 #   MODEL      base Sa2VA folder (InternVL or Qwen-VL family), `tiny` or `tiny-qwenvl` (default: tiny)
@@ -22,6 +26,9 @@
 #   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
 #   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
+#   SEED       seed of split, initialisation and order of every stage (default 0)
+#   SEEDS=N    the whole pipeline N times (seeds 0..N-1, into $OUT/seed_<k>), then each stage's gain over its
+#              start with its 95% interval over the seeds ($OUT/gains.md; python -m common.seeds)
 #   BASELINES  1 (default): Frangi (no learning) and a U-Net trained on the same split as rows of the
 #              stage table, with each stage's Dice gap to the U-Net; 0 skips them. UNET_PRESET: small
 #              (quick) or strong (full) by default (README "Baselines")
@@ -35,13 +42,25 @@ abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;;
 cd "$(dirname "$0")"
 
 PRESET=${1:-quick}
-case "$PRESET" in quick|full) ;; *) echo "usage: bash run.sh quick|full" >&2; exit 2 ;; esac
+case "$PRESET" in quick|full|real) ;; *) echo "usage: bash run.sh quick|full|real" >&2; exit 2 ;; esac
 MODEL=${MODEL:-tiny}
 OUT=${OUT:-outputs/$PRESET}
+PYTHON=${PYTHON:-python}
+if [ "${SEEDS:-1}" -gt 1 ] && [ -z "${SEED:-}" ]; then
+  # one whole pipeline per seed, on the same data, then every stage against its own start, paired by seed
+  mkdir -p "$OUT"
+  for k in $(seq 0 $((SEEDS - 1))); do
+    printf '\n######## seed %s of %s -> %s/seed_%s\n' "$k" "$SEEDS" "$OUT" "$k"
+    SEED=$k OUT="$OUT/seed_$k" bash "$0" "$PRESET"
+  done
+  "$PYTHON" -m common.seeds "$OUT"/seed_*/eval/summary.json --output "$OUT/gains.md"
+  exit 0
+fi
+SEED=${SEED:-0}
+[ "$PRESET" = real ] && [ -n "${DATA:-}" ] && STILL_IMAGES=${STILL_IMAGES:-1}
 FORMAT=${FORMAT:-masks}
 STAGES=${STAGES:-sft,dpo,hard,ppo,eval,video,merge}
 ZERO_STAGE=${ZERO_STAGE:-2}
-PYTHON=${PYTHON:-python}
 TINY=0
 case "$MODEL" in tiny|tiny-qwenvl) TINY=1 ;; esac  # the embedded stand-ins (InternVL / Qwen-VL family)
 
@@ -51,18 +70,21 @@ if [ "$PRESET" = quick ] && [ "$TINY" = 1 ]; then
   MAX_TRAIN=${MAX_TRAIN:-100}; MAX_VAL=${MAX_VAL:-24}; EPOCHS=1
 elif [ "$PRESET" = quick ]; then
   MAX_TRAIN=${MAX_TRAIN:-50}; MAX_VAL=${MAX_VAL:-20}; EPOCHS=1
+elif [ "$PRESET" = real ]; then
+  MAX_TRAIN=${MAX_TRAIN:-0}; MAX_VAL=${MAX_VAL:-0}; EPOCHS=20  # all frames: a small folder has 20-40
 else
   MAX_TRAIN=${MAX_TRAIN:-1000}; MAX_VAL=${MAX_VAL:-100}; EPOCHS=3
 fi
 # argument lists are bash arrays: every path keeps its spaces (${A[@]+"${A[@]}"}: an empty array
 # under set -u on bash < 4.4)
 if [ "$TINY" = 1 ]; then
-  # a 0.3M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run")
-  SFT_ARGS=(--epochs 8 --lr 3e-3 --lora_preset small)
+  # a 0.6M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run"); on a
+  # small real folder it needs more passes (README, "Real images": 20 epochs of 16 DRIVE frames)
+  SFT_ARGS=(--epochs "$([ "$PRESET" = real ] && echo 20 || echo 8)" --lr 3e-3 --lora_preset small)
   DPO_ARGS=(--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1)  # beta: README, "DPO"
   HARD_ARGS=(--epochs 5 --lr 1e-3)
   # the tiny model is far below 0.75 on almost every frame: take the washed-out ones as hard
-  HARD_DICE=0.3
+  HARD_DICE=$([ "$PRESET" = real ] && echo 0.75 || echo 0.3)
   PPO_ARGS=(--epochs 2 --lr 5e-4 --group_size 8 --kl_coef 0.02)
 else
   SFT_ARGS=(--epochs "$EPOCHS" --lr 1e-4 --lora_preset medium)
@@ -77,7 +99,8 @@ DATA_ARGS=()
 [ "${STILL_IMAGES:-0}" = 1 ] && DATA_ARGS+=(--still_images)
 [ -n "${MASK_RULE:-}" ] && DATA_ARGS+=(--mask_rule "$MASK_RULE")
 [ -n "${VESSEL_VALUES:-}" ] && DATA_ARGS+=(--vessel_values "$VESSEL_VALUES")
-COMMON=(--model "$MODEL" --max_train_samples "$MAX_TRAIN" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
+COMMON=(--model "$MODEL" --seed "$SEED" --max_train_samples "$MAX_TRAIN" --max_val_samples "$MAX_VAL"
+        ${DATA_ARGS[@]+"${DATA_ARGS[@]}"})
 [ "${BF16:-0}" = 1 ] && COMMON+=(--bf16)
 
 # ---- launcher: DeepSpeed when it and GPUs are there, plain python otherwise
