@@ -67,7 +67,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("loss")
     g.add_argument("--dice_weight", type=float, default=1.0, help="weight of the soft Dice loss")
     g.add_argument("--bce_weight", type=float, default=0.5, help="weight of the per-pixel BCE loss")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 # ---------------------------------------------------------------- hard items and their cached features
@@ -229,9 +229,6 @@ def describe_val(v):
 def main(args):
     if bool(args.hard_list) == bool(args.mine):
         raise SystemExit("pass exactly one of --hard_list FILE and --mine")
-    if not (0 <= args.easy_ratio <= 1 and args.iterations >= 1):
-        raise SystemExit(f"--easy_ratio must lie in [0, 1] and --iterations be >= 1 "
-                         f"(got {args.easy_ratio} and {args.iterations})")
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
@@ -405,4 +402,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

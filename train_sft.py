@@ -43,7 +43,7 @@ def parse_args(argv=None):
     g.add_argument("--bce_weight", type=float, default=1.0, help="weight of the per-pixel BCE loss")
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(args):
@@ -157,4 +157,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)
