@@ -56,7 +56,19 @@ else
   MINE_ARGS="--threshold_hard 0.75"
   PPO_ARGS="--epochs 1 --lr 1e-5"
 fi
-COMMON="--model $MODEL --max_train_samples $MAX_TRAIN --max_val_samples $MAX_VAL"
+# the embedded tiny models are built in memory by every script that loads them (~20-40 s of CPU each:
+# the LLM is taught its answer): build one once, as a folder under $OUT, and hand that to every stage
+MODEL_ARG=$MODEL
+if [ "$TINY" = 1 ]; then
+  MODEL_ARG="$OUT/model_$MODEL"
+  if [ ! -f "$MODEL_ARG/config.json" ]; then
+    rm -rf "$MODEL_ARG.tmp"
+    mkdir -p "$OUT"
+    $PYTHON -m "common.$(echo "$MODEL" | tr - _)" --out "$MODEL_ARG.tmp"
+    mv "$MODEL_ARG.tmp" "$MODEL_ARG"
+  fi
+fi
+COMMON="--model $MODEL_ARG --max_train_samples $MAX_TRAIN --max_val_samples $MAX_VAL"
 [ "${BF16:-0}" = 1 ] && COMMON="$COMMON --bf16"
 
 # ---- launcher: DeepSpeed when it and GPUs are there, plain python otherwise
@@ -131,7 +143,7 @@ if wants eval; then
   for pair in "sft=$SFT" "dpo=$DPO" "hard=$HARD" "ppo=$PPO"; do
     [ -f "${pair#*=}/stage.json" ] && CKPTS="$CKPTS $pair"
   done
-  $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints $CKPTS \
+  $PYTHON evaluate.py --model "$MODEL_ARG" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints $CKPTS \
     --output "$OUT/eval" --panel 4 --overlays 2
 fi
 
@@ -144,7 +156,7 @@ print(m == 'tiny-qwenvl' or (os.path.isfile(f'{m}/config.json') and folder_famil
     # the clusters are mined on the validation split with the final model, then both modes are scored there
     [ -f "$OUT/mine_val/hard_samples.json" ] || \
       $PYTHON mine_hard.py $COMMON --data "$DATA" --init "$HARD" --split val --output "$OUT/mine_val" $MINE_ARGS
-    $PYTHON evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints "sft=$SFT" \
+    $PYTHON evaluate.py --model "$MODEL_ARG" --data "$DATA" --max_val_samples "$MAX_VAL" --checkpoints "sft=$SFT" \
       "hard=$HARD" --video_mode --hard_clusters "$OUT/mine_val/hard_samples.json" --output "$OUT/eval_video" \
       --overlays 0 --no_cldice
   fi
@@ -152,7 +164,7 @@ fi
 
 if wants merge && [ -f "$HARD/stage.json" ]; then
   banner "merge: fold LoRA + trained heads of the stage-3 model into a standalone checkpoint, and check it"
-  $PYTHON merge_lora.py --base_model "$MODEL" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
+  $PYTHON merge_lora.py --base_model "$MODEL_ARG" --lora_weights "$HARD" --output_model "$OUT/merged" --overwrite
 fi
 
 banner "done in $(( $(date +%s) - START )) s"

@@ -266,3 +266,35 @@ def test_mine_hard_refuses_an_existing_hard_list_before_loading_a_model(tmp_path
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         mine_hard.main(mine_hard.parse_args(["--data", "d", "--output", str(tmp_path)]))
     assert (tmp_path / "hard_samples.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------- item 3: logged metrics are the run's
+
+LOG_WORKER = """
+import json, os, sys
+from common.engine import RunLogger, cleanup, init_distributed, is_main, log_train_window, mean_over_ranks
+rank, world, _ = init_distributed(False)
+# rank 0 saw easy pairs, rank 1 hard ones: its share of the data alone would log accuracy 1.0
+window = [dict(loss=1.0 + rank, accuracy=1.0 - rank)] * (2 + rank) + ([dict(loss=5.0, reward=0.5)] if rank else [])
+logger = RunLogger(sys.argv[1], enabled=is_main())
+avg = log_train_window(logger, 3, "step 3", window, 1.0, 1, 8, 1e-3)
+assert avg == mean_over_ranks(window)  # every rank gets the same numbers
+logger.close()
+if is_main():
+    json.dump(avg, open(os.path.join(sys.argv[1], "avg.json"), "w"))
+cleanup()
+"""
+
+
+def test_logged_train_metrics_are_averaged_over_ranks(tmp_path):
+    """2 CPU processes (gloo): the log line and metrics.jsonl hold the mean over both ranks' windows."""
+    import json
+
+    from test_distributed import launch
+    launch(["-c", LOG_WORKER, str(tmp_path)], world_size=2, timeout=300)
+    with open(tmp_path / "metrics.jsonl") as f:
+        (record,) = [json.loads(line) for line in f]
+    # rank 0: 2 x (loss 1, acc 1); rank 1: 3 x (loss 2, acc 0) + 1 x (loss 5, reward 0.5)
+    assert record["train/loss"] == pytest.approx((2 * 1 + 3 * 2 + 5) / 6)
+    assert record["train/accuracy"] == pytest.approx(2 / 5) and record["train/reward"] == pytest.approx(0.5)
+    assert "loss 2.1667 accuracy 0.4000 reward 0.5000" in (tmp_path / "train.log").read_text()

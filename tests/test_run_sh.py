@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from common.lora import load_stage
+from common.lora import load_stage, read_stage_meta
 from common.sa2va import load_model
 from conftest import ROOT
 
@@ -28,7 +28,9 @@ def test_every_stage_checkpoint_exists_and_loads(quick_run):
     for stage in ("sft", "dpo", "hard", "ppo"):
         runs = sorted(os.listdir(os.path.join(out, stage)))
         best = os.path.join(out, stage, runs[-1], "best")
-        model, _ = load_model("tiny")
+        # on the tiny model run.sh built once as a folder (building `tiny` in memory costs ~30 s each)
+        assert read_stage_meta(best)["base_model"] == os.path.join(out, "model_tiny")
+        model, _ = load_model(os.path.join(out, "model_tiny"))
         meta = load_stage(model, best)
         assert meta["stage"] == stage
     assert os.path.isfile(os.path.join(out, "mine", "hard_samples.json"))
