@@ -106,7 +106,7 @@ def parse_args(argv=None):
     g.add_argument("--hard_clusters", default=None,
                    help="a hard_samples.json of mine_hard.py on the same split: also report mean Dice over the frames "
                         "of its temporal hard clusters (cluster_mean_dice)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def parse_checkpoints(specs):
@@ -582,4 +582,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

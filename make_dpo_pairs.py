@@ -38,7 +38,7 @@ pred, gt), summary.json (counts, IoU-gap quantiles and histogram, the arguments)
 import contextlib
 import math
 import os
-import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ from tqdm import tqdm
 from common import cli
 from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_frames, check_masks, frame_mask,
                          list_images, load_splits, read_mask, scan_folder)
-from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
+from common.engine import (all_gather_objects, cleanup, init_distributed, is_main, print0, publish_folder,
+                           seed_everything, write_json)
 from common.evaluation import predict_probabilities
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.lora import load_stage
@@ -86,7 +87,7 @@ def parse_args(argv=None):
     f = p.add_argument_group("from_predictions / gt")
     f.add_argument("--predictions", nargs="+", default=[], help="NAME=DIR folders of binary mask PNGs named by image stem")
     f.add_argument("--max_dice", type=float, default=0.75, help="gt mode: pair only images the model scores below this")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 # ---------------------------------------------------------------- candidates
@@ -208,8 +209,10 @@ def packed(side):
 def write_output(args, records, summary):
     """Write the pairs folder under <output>.tmp and rename it into place."""
     final = os.path.abspath(args.output)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    # this run's own temporary folder: two runs into one --output must not write into one `.tmp`
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     os.makedirs(os.path.join(tmp, "masks"))
     entries = []
     for r in records:
@@ -230,9 +233,7 @@ def write_output(args, records, summary):
     write_json(os.path.join(tmp, PAIRS_FILE), entries)
     write_json(os.path.join(tmp, "summary.json"), summary)
     load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    publish_folder(tmp, final, args.overwrite)  # pairs another run published meanwhile are never removed
     return entries
 
 
@@ -263,8 +264,6 @@ def main(args):
         raise SystemExit(f"--output {args.output} exists; pass --overwrite to replace it")
     if args.mode == "from_predictions" and not args.predictions:
         raise SystemExit("--mode from_predictions needs --predictions NAME=DIR [NAME=DIR ...]")
-    if args.mode == "generate" and args.num_samples < 1:
-        raise SystemExit("--num_samples must be >= 1")
     frames = scan_folder(args.data, args.video_regex, resize_masks=args.resize_masks, data_format=args.data_format,
                          allow_empty_annotations=args.allow_empty_annotations, mask_rule=MaskRule.from_args(args))
     if args.split != "all":
@@ -309,4 +308,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

@@ -26,7 +26,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.engine import write_json
+from common import cli
+from common.engine import publish_folder, write_json
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, has_lora, load_stage, parts_of, read_stage_meta
 from common.sa2va import (TINY_MODELS, CheckpointError, Sa2VAProcessor, describe, llm_module, load_model,
@@ -57,7 +58,7 @@ def parse_args(argv=None):
                    help="fail when more than this share of mask pixels differ between merged and base + adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_model")
     p.add_argument("--seed", type=int, default=0, help="seed of `tiny` (must be the one the stage was trained on)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def base_weights(folder):
@@ -207,15 +208,13 @@ def main(args):
         for f in os.listdir(tmp):  # safetensors writes 0600 files; publish them like the base's
             if os.path.isfile(os.path.join(tmp, f)):
                 os.chmod(os.path.join(tmp, f), 0o666 & ~current_umask())
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_folder(tmp, out, args.overwrite)  # a merge another run published meanwhile is never removed
     print(f"merged {args.lora_weights} into {args.base_model} -> {out} ({n_keys} weights, {info['wall_s']:.0f} s)")
     return info
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

@@ -47,8 +47,9 @@ def parse_args(argv=None):
     g.add_argument("--top", type=int, default=10, help="hardest samples listed in the report")
     g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     g.add_argument("--output", default="mine", help="folder for hard_samples.json (and dice_plots/)")
+    g.add_argument("--overwrite", action="store_true", help="replace the folder's hard_samples.json if it has one")
     g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index in dice_plots/")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0):
@@ -195,6 +196,9 @@ def write_plots(report, folder):
 
 
 def main(args):
+    path = os.path.join(args.output, HARD_FILE)
+    if os.path.exists(path) and not args.overwrite:
+        raise SystemExit(f"{path} exists; pass --overwrite to replace it (or another --output)")
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
     frames = select_split(args, args.split)
@@ -212,8 +216,7 @@ def main(args):
     report = build_report(records, frames, args)
     if is_main():
         os.makedirs(args.output, exist_ok=True)
-        path = os.path.join(args.output, HARD_FILE)
-        write_json(path, report)
+        write_json(path, report, overwrite=args.overwrite)  # a list another run wrote meanwhile is kept
         print_report(report, args.top)
         print(f"wrote {path}")
         if args.plot:
@@ -225,4 +228,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_every", type=int, default=0, help="optimizer steps between validations (0 = each epoch)")
     g.add_argument("--patience", type=int, default=2, help="stop after this many validations without a better val "
                                                            "Dice (0 = never stop early)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def disable_dropout(model):
@@ -285,4 +285,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

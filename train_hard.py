@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="rounds of --epochs epochs; each round after the first re-mines the train split with the "
                         "current model")
     cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=0.5, pos_weight_default="1")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 # ---------------------------------------------------------------- hard items and their cached features
@@ -215,9 +215,6 @@ def describe_val(v):
 def main(args):
     if bool(args.hard_list) == bool(args.mine):
         raise SystemExit("pass exactly one of --hard_list FILE and --mine")
-    if not (0 <= args.easy_ratio <= 1 and args.iterations >= 1):
-        raise SystemExit(f"--easy_ratio must lie in [0, 1] and --iterations be >= 1 "
-                         f"(got {args.easy_ratio} and {args.iterations})")
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
@@ -398,4 +395,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

@@ -58,8 +58,8 @@ import torch.nn as nn
 from common import cli
 from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
-                           gather_for_save, is_main, load_trainer_state, log_train_window, save_trainer_state,
-                           start_run, versions, write_json)
+                           gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
+                           save_trainer_state, start_run, versions, write_json)
 from common.evaluation import collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
@@ -104,7 +104,7 @@ def parse_args(argv=None):
                    help="recall at which multi_objective's recall bonus saturates; None = the reward's own, 0.85")
     r.add_argument("--dynamic_recall", action="store_true",
                    help="multi_objective: recall weight 0.4 while the running recall of the rollouts is < 0.80")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def build_reward(args):
@@ -121,8 +121,6 @@ def build_reward(args):
 def check_args(args, deepspeed_on):
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit("--advantage group needs --group_size >= 2 (or use --advantage critic)")
-    if min(args.group_size, args.rollout_batches, args.ppo_epochs) < 1 or args.temperature <= 0 or args.clip <= 0:
-        raise SystemExit("--group_size, --rollout_batches, --ppo_epochs must be >= 1; --temperature, --clip > 0")
     if deepspeed_on and args.zero_stage == 3:
         raise SystemExit("train_ppo.py swaps the reference weights into whole parameters: use --zero_stage 0-2")
 
@@ -364,8 +362,7 @@ def main(args):
 
         # ---- end of epoch: validation, best/, resume point
         val = validate_with_reward(model, val_loader, val_masks, device, args, cache, engine.autocast, reward_fn)
-        train = {k: float(np.mean([r[k] for r in state["epoch_rollouts"]])) for k in state["epoch_rollouts"][0]} \
-            if state["epoch_rollouts"] else {}
+        train = mean_over_ranks(state["epoch_rollouts"])  # the run's rollouts, not rank 0's
         state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
         logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
         logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
@@ -391,4 +388,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="show every training frame under a random flip / 90-degree rotation each epoch (small folders)")
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(args):
@@ -170,4 +170,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run_main(main, parse_args)

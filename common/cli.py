@@ -3,12 +3,21 @@
 Each script adds its own flags and defaults after these; `--help` of any script lists all.
 """
 import argparse
+import math
+import os
+import sys
 
 import torch
 
 from common.data import DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
+from common.engine import RunError
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, llm_module, load_model
+from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, llm_module, load_model
+
+DEBUG_ENV = "SA2VA_DEBUG"  # set to 1: errors show their Python traceback, as --debug does
+# Errors a user can fix (bad data, a bad checkpoint, an output another run holds, the file system
+# saying no): their message names the file, so the script prints that line, not a traceback
+USER_ERRORS = (DataError, CheckpointError, RunError, OSError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,6 +160,102 @@ def add_mask_loss_args(p, dice_weight, bce_weight, pos_weight_default):
                         "probabilities to the ~10%% vessel prior: a model that cannot yet separate thin vessels "
                         "then predicts empty masks at threshold 0.5; README, 'Why SFT collapsed')")
     return g
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _output_folder(path):
+    """True when `path` can be (or is) a folder: neither it nor its nearest existing parent is a file."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path)
+
+
+def _thresholds(text):
+    try:
+        return all(0 < float(t) < 1 for t in text.split(",") if t.strip())
+    except ValueError:
+        return False
+
+
+# What each flag may be, by destination name: one vocabulary across scripts, so one table. NaN fails
+# every comparison and inf every finite check. None (an optional flag left out) is always allowed.
+POSITIVE_INT = (lambda v: v >= 1, "an integer >= 1")
+COUNT = (lambda v: v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+PROBABILITY = (lambda v: 0 < v < 1, "a probability in (0, 1)")
+ARG_RULES = {
+    **dict.fromkeys(("batch_size", "epochs", "grad_accum", "log_every", "lora_rank", "lora_alpha", "group_size",
+                     "rollout_batches", "ppo_epochs", "iterations", "min_cluster_len", "num_samples", "gif_ms",
+                     "clip_frames"), POSITIVE_INT),
+    **dict.fromkeys(("max_train_samples", "max_val_samples", "num_workers", "save_every", "max_bad_steps",
+                     "eval_every", "patience", "max_gap", "top", "max_pairs_per_image", "verify_frames", "overlays",
+                     "panel"), COUNT),
+    **dict.fromkeys(("lr", "critic_lr", "beta", "clip", "temperature"), POSITIVE),
+    # Dice thresholds: a frame is hard / paired when its Dice is below it, so > 1 means every frame
+    **dict.fromkeys(("threshold_hard", "max_dice"), POSITIVE),
+    **dict.fromkeys(("weight_decay", "grad_clip", "feature_cache_gb", "dice_weight", "bce_weight", "text_weight",
+                     "recall_weight", "topology_weight", "length_weight", "kl_coef", "entropy_coef", "vf_coef",
+                     "noise_sigma"), NON_NEGATIVE),
+    **dict.fromkeys(("val_fraction", "val_pair_fraction", "warmup_ratio", "easy_ratio", "min_iou_gap",
+                     "max_mask_diff"), FRACTION),
+    "threshold": PROBABILITY,
+    "thresholds": (_thresholds, "a comma list of probabilities in (0, 1)"),
+    "recall_target": (lambda v: 0 < v <= 1, "a recall in (0, 1]"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a dropout probability in [0, 1)"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "a share of flipped preferences in [0, 0.5)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32) (numpy's seed range)"),
+    "local_rank": (lambda v: v >= -1, "an integer >= -1"),
+    **dict.fromkeys(("output", "output_model"), (_output_folder, "a folder, not an existing file (nor inside one)")),
+    "resume": (os.path.isdir, "an existing run folder"),
+}
+
+
+def check_args(args):
+    """The first impossible value of the parsed `args` (ARG_RULES) as one sentence, or None."""
+    for name, value in vars(args).items():
+        if name in ARG_RULES and value is not None:
+            valid, says = ARG_RULES[name]
+            if not valid(value):
+                return f"argument --{name}: got {value!r}, must be {says}"
+    return None
+
+
+def parse(p, argv=None):
+    """Parse and check the arguments (`check_args`): an impossible value stops the script here, before
+    any model loads, with one line and exit code 2 (argparse's error line, without its usage block,
+    which would bury the reason under 25 lines of flags). Adds --debug."""
+    p.add_argument("--debug", action="store_true",
+                   help=f"on an error, show the Python traceback (also: {DEBUG_ENV}=1 in the environment); without "
+                        f"it a script prints the one-line reason and exits with 1")
+    args = p.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        p.exit(2, f"{p.prog}: error: {problem}\n")
+    return args
+
+
+def run_main(main, parse_args, argv=None):
+    """A script's `__main__`: main(parse_args()), with the errors a user can fix (USER_ERRORS, and
+    SystemExit with a message) printed as `<script>: error: <reason>` on stderr, exit code 1. The
+    traceback stays behind --debug or SA2VA_DEBUG=1."""
+    args = parse_args(argv)
+    script = os.path.basename(sys.argv[0]) or "python"
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"{script}: error: {e.code}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def use_deepspeed(args):

@@ -186,13 +186,42 @@ def list_images(folder):
 
 
 def read_image(path):
-    """RGB PIL image, fully decoded; DataError on a missing or corrupt file."""
+    """RGB PIL image, fully decoded; DataError on a missing or corrupt file. Frames of more than
+    8 bits (16-bit PNG, 32-bit or float TIFF) are scaled to 8 bits by `to_8bit`, never clipped."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in WIDE_MODES:
+                return Image.fromarray(to_8bit(np.asarray(im)), "L").convert("RGB")
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for bad files
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+# Pillow's single-channel modes wider than 8 bits; its own convert("RGB") clips them at 255, which
+# turns a 16-bit frame white (a 16-bit frame folder trained to val Dice 0.000)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def to_8bit(array):
+    """uint8 grey levels of a wide single-channel frame, by its bit depth: values / (2^b - 1) * 255,
+    b the smallest of 8, 10, 12, 14, 16 that holds the frame's largest value (X-ray detectors write
+    10-14-bit values into 16-bit files; dividing those by 65535 would leave 16 grey levels). Float
+    frames within [0, 1] are taken as fractions. Anything else (negative values, beyond 16 bits) is
+    scaled by its own range, min -> 0 and max -> 255."""
+    values = array.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("non-finite pixel values")
+    if array.dtype.kind == "f" and low >= 0 and high <= 1:
+        scaled = values
+    elif low >= 0 and high <= 2 ** BIT_DEPTHS[-1] - 1:
+        top = next(2 ** b - 1 for b in BIT_DEPTHS if high <= 2 ** b - 1)
+        scaled = values / top
+    else:
+        scaled = (values - low) / max(high - low, 1e-12)
+    return np.round(scaled * 255).astype(np.uint8)
 
 
 def no_images_error(folder):
@@ -755,15 +784,24 @@ class ShardedSampler(torch.utils.data.Sampler):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
-        order += order[:self.per_rank * self.world_size - self.size]
+        order += padding(order, self.per_rank * self.world_size - self.size)
         return iter(order[self.rank::self.world_size][self.start:])
 
     def __len__(self):
         return self.per_rank - self.start
 
 
+def padding(order, count):
+    """`count` items repeating `order` from its start, as torch's DistributedSampler pads: with
+    fewer samples than ranks (3 on 8) `order[:count]` is too short, some ranks got nothing while
+    `len()` promised one each, and the others waited in a collective for ever."""
+    return (order * math.ceil(count / len(order)))[:count] if order and count > 0 else []
+
+
 class EvalSampler(torch.utils.data.Sampler):
-    """Each sample exactly once over all ranks (no padding, so sums over ranks are exact)."""
+    """Each sample exactly once over all ranks (no padding, so sums over ranks are exact). Ranks
+    may get one sample more than others, or none: scoring runs no collective per batch, only one
+    gather of the records at the end, which every rank reaches."""
 
     def __init__(self, size, rank=0, world_size=1):
         self.indices = list(range(rank, size, world_size))

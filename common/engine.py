@@ -19,6 +19,11 @@ import torch
 import torch.distributed as dist
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on as asked (an output another run holds, --resume with other arguments);
+    the message says what and why."""
+
+
 # ---------------------------------------------------------------- processes
 
 def launched_by_deepspeed():
@@ -249,17 +254,58 @@ def gather_for_save(engine):
 # ---------------------------------------------------------------- runs, resume, logs
 
 def make_run_dir(output, stage, resume):
-    """`<output>/<stage>_<timestamp>/`, or the folder of the run being resumed."""
+    """`<output>/<stage>_<timestamp>/`, or the folder of the run being resumed. Created with
+    exist_ok=False: two runs started in the same second into one --output must not share a folder
+    (and overwrite each other's checkpoints and logs), so the later one gets `_2`, `_3`, ..."""
     if resume:
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"--resume {resume}: no such run folder")
         return resume
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    run_dir = os.path.join(output, f"{stage}_{stamp}")
+    run_dir = None
     if is_main():
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(output, exist_ok=True)
+        base = os.path.join(output, f"{stage}_{time.strftime('%Y%m%d_%H%M%S')}")
+        for n in range(1, 1000):
+            run_dir = base if n == 1 else f"{base}_{n}"
+            try:
+                os.mkdir(run_dir)  # atomic: exactly one run creates a given name
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RunError(f"{base}: 999 runs started in this second into {output}")
     # every rank must agree on the folder, whatever their clocks say
     return all_gather_objects(run_dir)[0]
+
+
+ARGS_FILE = "args.json"
+# arguments that may change when a run is resumed: where and how it runs, not what it trains
+RESUME_MAY_DIFFER = ("resume", "output", "num_workers", "log_every", "save_every", "local_rank", "debug",
+                     "feature_cache_gb", "max_bad_steps", "compile")
+
+
+def changed_args(saved, args, may_differ=RESUME_MAY_DIFFER):
+    """[(name, saved value, value now)] of the arguments that differ from a run's saved ones (JSON
+    values, as written to args.json); names only one side knows (another version) are skipped."""
+    now = json.loads(json.dumps(vars(args), default=str))
+    return [(k, saved[k], now[k]) for k in saved if k in now and k not in may_differ and saved[k] != now[k]]
+
+
+def check_resume_args(run_dir, args):
+    """`--resume` continues the run it names: refuse other arguments (another LoRA rank, say, ends in
+    a raw size mismatch deep in torch; another --lr silently trains another run). The run's own
+    arguments are its args.json (older runs: best/stage.json); none found: nothing to compare."""
+    for path in (os.path.join(run_dir, ARGS_FILE), os.path.join(run_dir, "best", "stage.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            saved = saved.get("args", {}) if path.endswith("stage.json") else saved
+            diff = changed_args(saved, args)
+            if diff:
+                raise RunError(f"--resume {run_dir}: the run was started with other arguments: "
+                               + ", ".join(f"--{k} {a!r} (now {b!r})" for k, a, b in diff)
+                               + f"; resume with the run's own arguments ({path}) or start a new run")
+            return
 
 
 LATEST = "latest"
@@ -329,9 +375,13 @@ def start_run(args, stage):
     Returns (use_deepspeed, rank, world_size, device, run_dir, logger)."""
     from common.cli import use_deepspeed
     deepspeed_on = use_deepspeed(args)
+    if args.resume:  # before anything loads or is written
+        check_resume_args(args.resume, args)
     rank, world_size, device = init_distributed(deepspeed_on)
     seed_everything(args.seed + rank)
     run_dir = make_run_dir(args.output, stage, args.resume)
+    if is_main() and not args.resume:
+        write_json(os.path.join(run_dir, ARGS_FILE), vars(args))
     logger = RunLogger(run_dir, enabled=is_main())
     logger.line(f"run folder: {run_dir}")
     return deepspeed_on, rank, world_size, device, run_dir, logger
@@ -395,10 +445,26 @@ def finite_or_zero(loss, params, state, max_bad_steps, log):
     return sum(p.sum() for p in params) * 0.0
 
 
+def mean_over_ranks(window):
+    """{key: mean} of a list of dicts of floats, pooled over every rank's list (each dict weighs one;
+    a key some dicts lack is averaged over the dicts that have it). Every rank must call it, and
+    gets the same result: logged metrics are the run's, not rank 0's share of the data."""
+    sums, counts = {}, {}
+    for record in window:
+        for k, v in record.items():
+            sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+    total, n = {}, {}
+    for part_sums, part_counts in all_gather_objects((sums, counts)):
+        for k, v in part_sums.items():
+            total[k], n[k] = total.get(k, 0.0) + v, n.get(k, 0) + part_counts[k]
+    return {k: total[k] / n[k] for k in total}
+
+
 def log_train_window(logger, step, prefix, window, seconds, optimizer_steps, samples, lr):
     """The interval's log line and record: `window` is a list of per-micro-step dicts of floats;
-    writes `prefix | <term> <mean> ... | lr | s/step samples/s | GPU GiB` and train/<term>."""
-    avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+    writes `prefix | <term> <mean> ... | lr | s/step samples/s | GPU GiB` and train/<term>, the
+    means over every rank's window (call it on every rank)."""
+    avg = mean_over_ranks(window)
     logger.line(f"{prefix} | " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
                 + f" | lr {lr:.2e} | {seconds / max(1, optimizer_steps):.2f} s/step "
                 f"{samples / max(seconds, 1e-9):.1f} samples/s | {gpu_memory_gib():.1f} GiB")
@@ -413,9 +479,42 @@ def versions():
                 peft=peft.__version__)
 
 
-def write_json(path, obj):
-    """Atomic JSON write (temp file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+def write_json(path, obj, overwrite=True):
+    """Atomic JSON write: a temporary file of this process (two runs writing one path must not
+    share it), then renamed. overwrite=False refuses an existing `path` (RunError), atomically:
+    of two runs publishing one file, exactly one succeeds."""
+    tmp = f"{path}.{os.getpid()}.{random.getrandbits(32):08x}.tmp"
+    with open(tmp, "x") as f:
         json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails when path exists, unlike a rename
+    except FileExistsError:
+        raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.exists(path):
+            raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def publish_folder(tmp, final, overwrite=False):
+    """Rename the finished folder `tmp` to `final`. An existing `final` is replaced only with
+    `overwrite` (moved aside first, removed once the new one is in place); otherwise RunError, and
+    `tmp` is kept so that nothing is lost: another run published `final` after this one started."""
+    if os.path.exists(final):
+        if not overwrite:
+            raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}")
+        old = f"{final}.old.{os.getpid()}.{random.getrandbits(32):08x}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError:  # created meanwhile (a non-empty folder cannot be renamed over)
+        raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}") from None

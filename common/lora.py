@@ -15,7 +15,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.sa2va import QWENVL, CheckpointError, family, llm_module, set_llm_module, unwrap_llm
+from common.sa2va import QWENVL, CheckpointError, check_safetensors, family, llm_module, set_llm_module, unwrap_llm
 
 LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
 # Attention projections of each LLM family (the mission's q,k,v,o), and the MLP ones.
@@ -48,6 +48,8 @@ PARTS = {
 QWENVL_PARTS = dict(PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),
                     mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
 STAGE_FILE, PARTS_FILE = "stage.json", "trained_parts.safetensors"
+RESAVE_STAGE = ("save the stage again: take the run's other checkpoint (best/ or final/), or --resume the run "
+                "(its checkpoints/) to write it anew")
 
 
 def parts_of(model):
@@ -180,6 +182,9 @@ def read_stage_meta(ckpt_dir):
 def load_stage(model, ckpt_dir, trainable_lora=False):
     """Apply a stage checkpoint to a freshly loaded base model (in place); returns its meta."""
     meta = read_stage_meta(ckpt_dir)
+    for name in ("adapter_model.safetensors", PARTS_FILE):
+        if os.path.isfile(os.path.join(ckpt_dir, name)):
+            check_safetensors(os.path.join(ckpt_dir, name), RESAVE_STAGE)
     fingerprint = base_fingerprint(model)
     if meta.get("base_fingerprint") not in (None, fingerprint):
         raise CheckpointError(f"{ckpt_dir} was trained on base model {meta.get('base_model')!r} "

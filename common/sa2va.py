@@ -47,6 +47,30 @@ class CheckpointError(ValueError):
     """A model folder or stage checkpoint that cannot be used as asked."""
 
 
+REFETCH_MODEL = "copy or download the model folder again (a copy or download was cut short)"
+
+
+def check_safetensors(path, advice):
+    """CheckpointError naming `path` unless it is a whole safetensors file: an 8-byte header length,
+    the JSON header, then every tensor's bytes. A file cut short (a killed save or copy) otherwise
+    fails inside safetensors with `incomplete metadata`, naming no file. Reads the header only."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            problem = f"{size} bytes, its header is cut short"
+        else:
+            try:
+                header = json.loads(f.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                problem = f"{size} bytes, its tensors need {8 + length + end}" if 8 + length + end > size else None
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                problem = "its header is not valid"
+    if problem:
+        raise CheckpointError(f"{path}: truncated or damaged safetensors file ({problem}); {advice}")
+
+
 def load_model(name_or_path, dtype=torch.float32, seed=0):
     """(model, tokenizer) for `tiny` / `tiny-qwenvl` (built in memory, deterministic in `seed`), a
     saved tiny folder, or a released Sa2VA Hugging Face folder of either family (loaded with its
@@ -66,6 +90,9 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
                               f"Sa2VA folder (nothing is downloaded)")
     with open(config_path) as f:
         config = json.load(f)
+    for name in sorted(os.listdir(name_or_path)):
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(name_or_path, name), REFETCH_MODEL)
     if folder_family(config) == QWENVL:
         return load_qwenvl(name_or_path, config, dtype)
     from transformers import AutoTokenizer
