@@ -116,6 +116,12 @@ else
   TRAIN_EXTRA=()
 fi
 
+if [ "$TINY" = 1 ] && [ "$GPUS" = 0 ] && [ "$PRESET" = quick ]; then
+  # minutes on a CPU: the tiny model's SAM2 at 256 px instead of the released 1024 (same weights, a 64 x 64
+  # mask grid; README "The embedded model")
+  export SA2VA_TINY_SAM_SIZE=${SA2VA_TINY_SAM_SIZE:-256}
+fi
+
 banner() { printf '\n==== %s ====\n' "$*"; }
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 # a stage's run folder: the newest <OUT>/<stage>/<stage>_* (empty when none)

@@ -42,7 +42,7 @@ decoder train, so with the FeatureCache a rollout and an update cost only these 
     deepspeed train_ppo.py --model /path/to/Sa2VA-4B --init runs/sft_x/best --data /path/to/vessels --bf16
     python train_ppo.py --data synthetic_data --init outputs/sft_x/best --lr 5e-4     # CPU, tiny model
 
-Writes <output>/ppo_<timestamp>/: best/ (by mean validation reward) and final/ (stage checkpoints;
+Writes <output>/ppo_<timestamp>/: best/ (by mean validation Dice, --best_by) and final/ (stage checkpoints;
 the critic is not part of them), training_info.json, train.log, metrics.jsonl, tensorboard/,
 checkpoints/ (for --resume).
 """
@@ -85,6 +85,10 @@ def parse_args(argv=None):
                    help="batches of --batch_size images per rollout (= minibatches per PPO epoch)")
     g.add_argument("--ppo_epochs", type=int, default=4, help="passes over each rollout")
     g.add_argument("--clip", type=float, default=0.2, help="PPO clip range eps of the probability ratio")
+    g.add_argument("--best_by", choices=("dice", "reward"), default="dice",
+                   help="validation measure that picks best/ (the start included): mean Dice, which the stage table "
+                        "compares, or mean reward, which PPO maximises (they disagree when recall is bought with "
+                        "precision)")
     g.add_argument("--kl_coef", type=float, default=0.02,
                    help="weight of KL(policy || stage-start policy), mean per pixel (0 lets the reward be gamed)")
     g.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the per-pixel entropy bonus")
@@ -286,7 +290,7 @@ def main(args):
     rng = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
 
     # ---- resume
-    state = dict(epoch=0, step=0, micro_in_epoch=0, best_reward=-math.inf, best_epoch=None, history=[], bad_steps=0,
+    state = dict(epoch=0, step=0, micro_in_epoch=0, best_score=-math.inf, best_epoch=None, history=[], bad_steps=0,
                  running_recall=None, epoch_rollouts=[], rng=None)
     if args.resume:
         state = load_trainer_state(engine, run_dir, state, logger.line)
@@ -307,9 +311,10 @@ def main(args):
                 f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f} {collapse_warning(val)}")
 
     def keep_if_best(epoch, val):
-        """best/ = the model with the best mean validation reward, the starting one (epoch 0) included."""
-        if val["mean_reward"] > state["best_reward"]:
-            state["best_reward"], state["best_epoch"] = val["mean_reward"], epoch
+        """best/ = the model with the best validation --best_by (mean Dice or reward), the starting one
+        (epoch 0) included: the stage never ends below its start on that measure."""
+        if val[f"mean_{args.best_by}"] > state["best_score"]:
+            state["best_score"], state["best_epoch"] = val[f"mean_{args.best_by}"], epoch
             if is_main():
                 save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
 
@@ -378,10 +383,10 @@ def main(args):
             stage=STAGE, args=vars(args), reward=dict(type=args.reward_type, weights=reward_fn.base_weights,
                                                       recall_target=reward_fn.recall_target),
             initial_val=state.get("initial_val"), history=state["history"], best_epoch=state["best_epoch"],
-            best_val_reward=state["best_reward"], bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start,
+            best_by=args.best_by, best_val_score=state["best_score"], bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start,
             world_size=world_size, versions=versions(),
             checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: best val reward {state['best_reward']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
+    logger.line(f"done: best val {args.best_by} {state['best_score']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
     logger.close()
     cleanup()
     return run_dir

@@ -56,6 +56,7 @@ QWEN_CHAT = dict(
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT, SEG,
                   "<p>", "</p>", "<vp>", "</vp>"]
 TINY_ANSWER = "It is [SEG]."
+TINY_SAM_SIZE_ENV = "SA2VA_TINY_SAM_SIZE"
 
 
 def build_tokenizer(special_tokens=SPECIAL_TOKENS):
@@ -808,7 +809,11 @@ def build_tiny_model(seed=0, pretrained=True):
     answer "It is [SEG]." (what the pretraining starts from; tests of plumbing that need no skill)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = TinySa2VAConfig(llm_config=dict(vocab_size=len(tokenizer)))
+    # SAM2 runs at 1024 px as released; SA2VA_TINY_SAM_SIZE (e.g. 256: the CPU test suite and `run.sh quick`
+    # on a CPU) runs the same weights on a coarser grid, every part being convolutional or size-agnostic
+    sam_size = int(os.environ.get(TINY_SAM_SIZE_ENV, 0)) or None
+    config = TinySa2VAConfig(llm_config=dict(vocab_size=len(tokenizer)),
+                             sam_config=dict(image_size=sam_size) if sam_size else None)
     model = TinySa2VAChatModel(config)
     if not pretrained:
         teach_answer(model, tokenizer, seed=seed)

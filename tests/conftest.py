@@ -9,6 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# the tiny model's SAM2 at 256 px, not the released 1024, so a CPU suite stays within minutes: the same
+# pretrained weights on a coarser mask grid (every script a test launches inherits it)
+os.environ.setdefault("SA2VA_TINY_SAM_SIZE", "256")
 
 # A quick SFT run that learns on the tiny model in ~10 s of CPU (see README, "Tests").
 QUICK_SFT = ["--epochs", "3", "--lr", "3e-3", "--batch_size", "4", "--num_workers", "0", "--lora_preset", "small",
