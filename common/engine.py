@@ -482,8 +482,9 @@ def versions():
 def write_json(path, obj, overwrite=True):
     """Atomic JSON write: a temporary file of this process (two runs writing one path must not
     share it), then renamed. overwrite=False refuses an existing `path` (RunError), atomically:
-    of two runs publishing one file, exactly one succeeds."""
-    tmp = f"{path}.{os.getpid()}.{random.getrandbits(32):08x}.tmp"
+    of two runs publishing one file, exactly one succeeds. (os.urandom, not `random`: a save must not
+    move the run's seeded RNG.)"""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     with open(tmp, "x") as f:
         json.dump(obj, f, indent=2, default=str)
     if overwrite:
@@ -509,7 +510,7 @@ def publish_folder(tmp, final, overwrite=False):
     if os.path.exists(final):
         if not overwrite:
             raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}")
-        old = f"{final}.old.{os.getpid()}.{random.getrandbits(32):08x}"
+        old = f"{final}.old.{os.getpid()}.{os.urandom(4).hex()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
