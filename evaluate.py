@@ -187,8 +187,7 @@ def stage_table(summary):
         line = (f"| {name} | {s.get('description') or s['checkpoint'] or 'base model'} | {s['mean_dice']:.4f} | "
                 f"{s['mean_recall']:.4f} | {s['mean_precision']:.4f} | {s['mean_iou']:.4f} | {delta} |")
         if unet is not None:
-            line += "" if name == "unet" else f" {s['mean_dice'] - unet:+.4f} |"
-            line += " |" if name == "unet" else ""
+            line += " |" if name == "unet" else f" {s['mean_dice'] - unet:+.4f} |"
         lines.append(line)
         if not baseline:
             previous = s["mean_dice"]
@@ -390,6 +389,9 @@ def main(args):
     if set(wanted_baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: unknown {sorted(set(wanted_baselines) - set(BASELINES))}; "
                          f"choose from {', '.join(BASELINES)}")
+    if set(wanted_baselines) & {name for name, _ in checkpoints}:
+        raise SystemExit(f"--checkpoints: {sorted(set(wanted_baselines) & {n for n, _ in checkpoints})} is the name of "
+                         f"a baseline row; name the checkpoint otherwise (NAME=PATH)")
     if args.unet:
         try:
             baselines.unet_checkpoint(args.unet)
