@@ -459,6 +459,9 @@ def main(args):
     if set(wanted_baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: unknown {sorted(set(wanted_baselines) - set(BASELINES))}; "
                          f"choose from {', '.join(BASELINES)}")
+    if set(wanted_baselines) & {name for name, _ in checkpoints}:
+        raise SystemExit(f"--checkpoints: {sorted(set(wanted_baselines) & {n for n, _ in checkpoints})} is the name of "
+                         f"a baseline row; name the checkpoint otherwise (NAME=PATH)")
     if args.unet:
         try:
             baselines.unet_checkpoint(args.unet)
