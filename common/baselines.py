@@ -33,7 +33,6 @@ training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume). `eval
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -47,7 +46,7 @@ from tqdm import tqdm
 
 from common.data import (DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, build_splits, frame_mask,
                          read_image)
-from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
+from common.engine import (RunLogger, publish_folder, build_engine, load_trainer_state, log_train_window, make_run_dir,
                            save_trainer_state, seed_everything, write_json)
 from common.losses import segmentation_loss
 from common.rewards import overlap_metrics
@@ -234,18 +233,12 @@ class CropSampler:
 def save_unet(model, out_dir, meta):
     """best/ or final/: unet.safetensors + unet.json, written to `<dir>.tmp` and swapped in, so a
     killed run never leaves a half checkpoint (as common.lora.save_stage)."""
-    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, UNET_FILE))
     write_json(os.path.join(tmp, UNET_META), meta)
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+    publish_folder(tmp, out_dir, overwrite=True)
 
 
 def unet_checkpoint(path):

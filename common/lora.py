@@ -15,6 +15,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.engine import publish_folder
 from common.sa2va import QWENVL, CheckpointError, check_safetensors, family, llm_module, set_llm_module, unwrap_llm
 
 LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
@@ -150,14 +151,7 @@ def save_stage(model, out_dir, parts, meta, gather=None):
     with open(os.path.join(tmp, STAGE_FILE), "w") as f:
         json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model), family=family(model),
                        seg_hidden_state=getattr(model, "seg_hidden_state", "post_norm")), f, indent=2, default=str)
-    if os.path.exists(out_dir):
-        old = out_dir.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+    publish_folder(tmp, out_dir, overwrite=True)  # best/ is replaced by a better one: swapped in whole
 
 
 class _nullcontext:
