@@ -152,5 +152,5 @@ def test_stage_table_gives_each_row_its_gap_to_the_unet():
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [c[0] for c in cells] == ["base", "sft", "frangi", "unet"]
     assert [c[6] for c in cells] == ["", "+0.2000", "", ""]  # baselines are no stage: no delta vs previous
-    assert [c[7] for c in cells] == ["-0.7000", "-0.5000", "-0.3000", ""]
+    assert [c[8] for c in cells] == ["-0.7000", "-0.5000", "-0.3000", ""]  # after the degenerate-mask column
     assert cells[2][1] == "no learning" and cells[3][1] == "U-Net, 5 parameters"

@@ -281,7 +281,8 @@ def test_dpo_raises_held_out_accuracy_and_keeps_val_dice(dpo_run):
           f"{start['held_logp_accuracy']:.3f} -> {end['held_logp_accuracy']:.3f}; val Dice {start['mean_dice']:.4f} -> "
           f"{end['mean_dice']:.4f} (recall {start['mean_recall']:.3f} -> {end['mean_recall']:.3f}, precision "
           f"{start['mean_precision']:.3f} -> {end['mean_precision']:.3f})")
-    assert start["held_dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and start["held_margin"] == 0
+    # policy == reference: the same forward, up to float32 summation order between batched and cached passes
+    assert start["held_dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(start["held_margin"]) < 1e-5
     assert end["held_accuracy"] >= 0.8 and end["held_margin"] > 0
     assert end["mean_dice"] > start["mean_dice"] - DICE_NOISE
     # the first logged window is the first grad_accum micro-steps, all before any update: policy == reference

@@ -238,7 +238,7 @@ def test_mine_hard_writes_valid_json(mined, hard_data):
 def test_train_hard_improves_hard_subset(mined, sft_best, hard_data, tmp_path):
     path, threshold = mined
     args = train_hard.parse_args(["--data", hard_data, "--init", sft_best, "--hard_list", path, "--threshold_hard",
-                                  str(threshold), "--output", str(tmp_path), "--lr", "3e-3", "--epochs", "3",
+                                  str(threshold), "--output", str(tmp_path), "--lr", "1e-3", "--epochs", "3",
                                   "--grad_accum", "1", "--easy_ratio", "0.25", "--num_workers", "0",
                                   "--log_every", "100"])
     run = train_hard.main(args)

@@ -69,8 +69,8 @@ def test_seg_state_of_the_embedded_model_depends_on_the_image(synth_data):
     with torch.no_grad():
         seg, _ = llm_forward(model, batch)
     assert torch.equal(seg[0], seg[2])
-    # well above float noise: the vision tower's tokens reach the [SEG] state through the LLM
-    assert (seg[0] - seg[1]).norm() > 1e-2 * seg[0].norm()
+    # far above float noise (~1e-7 relative): the vision tower's tokens reach the [SEG] state through the LLM
+    assert (seg[0] - seg[1]).norm() > 1e-3 * seg[0].norm()
 
 
 def test_pretraining_is_deterministic(tmp_path):

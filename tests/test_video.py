@@ -53,7 +53,7 @@ def test_conditioning_frames_equal_per_frame_decoding_and_later_frames_read_the_
     with torch.no_grad():
         single = decode_masks(model, embed[None].expand(8, -1), sam_image_features(model, pixels))
     # frames 0-4: prompted, no memory -> the single-image decoder output
-    torch.testing.assert_close(low_res[:5], single[:5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(low_res[:5], single[:5], atol=5e-5, rtol=0)
     # frames 5-7: tracked from memory alone (no prompt): not the single-image output
     assert (low_res[5:] - single[5:]).abs().amax() > 1e-2
     # and they depend on the earlier frames through the memory: with frame 0 the only conditioning
@@ -76,7 +76,7 @@ def test_batching_the_image_encoder_does_not_change_the_masks(tiny):
     embed = clip_seg_embedding(model, processor, images, CPU)
     pixels = torch.stack([processor.sam_pixels(f) for f in images])
     torch.testing.assert_close(track_video(model, embed, pixels, chunk=1), track_video(model, embed, pixels, chunk=4),
-                               atol=1e-5, rtol=0)
+                               atol=5e-5, rtol=0)
 
 
 def test_dropping_memories_beyond_the_read_out_changes_nothing(tiny, monkeypatch):
@@ -102,7 +102,7 @@ def test_first_frame_equals_per_frame_mode_when_the_llm_sees_the_same_input(tiny
     video = segment_video(model, processor, images, CPU, clip_frames=1)
     batch = processor([dict(image=images[0], key="f0")])
     per_frame = predict_probabilities(model, batch)[0]
-    torch.testing.assert_close(video[0], per_frame, atol=1e-5, rtol=0)
+    torch.testing.assert_close(video[0], per_frame, atol=5e-5, rtol=0)
     assert len(video) == 6 and all(p.shape == (56, 56) for p in video)
 
 
