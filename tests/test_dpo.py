@@ -288,7 +288,7 @@ def test_dpo_raises_held_out_accuracy_and_keeps_val_dice(dpo_run):
     # the first logged window is the first grad_accum micro-steps, all before any update: policy == reference
     with open(os.path.join(run, "metrics.jsonl")) as f:
         first = next(json.loads(line) for line in f if "train/dpo_loss" in line)
-    assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and first["train/margin"] == 0
+    assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["train/margin"]) < 1e-5
 
 
 def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, tiny_folder, sft_best, synth_data):
