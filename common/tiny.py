@@ -57,6 +57,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_
                   "<p>", "</p>", "<vp>", "</vp>"]
 TINY_ANSWER = "It is [SEG]."
 TINY_SAM_SIZE_ENV = "SA2VA_TINY_SAM_SIZE"
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_weights")  # common.tiny_pretrain's output
 
 
 def build_tokenizer(special_tokens=SPECIAL_TOKENS):
@@ -827,7 +828,6 @@ def build_tiny_model(seed=0, pretrained=True):
 def load_pretrained_weights(model, folder=None):
     """Load `common/tiny_weights/model.safetensors` (or `folder`'s) into a tiny model, exactly."""
     from safetensors.torch import load_file
-    from common.tiny_pretrain import WEIGHTS_DIR
     path = os.path.join(folder or os.environ.get("TINY_WEIGHTS", WEIGHTS_DIR), "model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the tiny model's pretrained weights are missing; rebuild them with "

@@ -22,7 +22,7 @@ ever used):
 Deterministic for a seed on one machine (same device type and library versions): data come from
 per-worker seeded generators, the loop is fixed. Rebuild with
 
-    python -m common.tiny_pretrain --out common/tiny_weights --device cuda     # ~N min, README
+    python -m common.tiny_pretrain --out common/tiny_weights --device cuda     # ~4 min on one H200
 """
 import argparse
 import json
@@ -36,9 +36,14 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from common.synth import BASE_SIZE, _background, _contrast_curve, _deform, _motion, _render, _vessel_tree
+from safetensors.torch import save_file
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_weights")
+from common.forward import llm_forward, move_batch, upsample_logits
+from common.losses import dice_loss, sigmoid_bce, text_loss
+from common.sa2va import Sa2VAProcessor, describe
+from common.synth import BASE_SIZE, _background, _contrast_curve, _deform, _motion, _render, _vessel_tree
+from common.tiny import WEIGHTS_DIR, TinySa2VAChatModel, TinySa2VAConfig, build_tokenizer
+
 RECIPE_VERSION = 1
 SAM_SIZE = 1024  # as the released SAM2: 256 x 256 low-res logits (FACTS: a 64 x 64 grid caps DRIVE at 0.60)
 
@@ -155,8 +160,6 @@ def schedule(seed, count, draws):
 def multimask_loss(low_res_multimasks, ious, masks, sam_size):
     """Dice + BCE on each of SAM2's three masks (at the frames' size) + MSE of the IoU head against
     each mask's IoU, as SAM2 trains its IoU head. low_res_multimasks (B, 3, h, w), ious (B, 3)."""
-    from common.forward import upsample_logits
-    from common.losses import dice_loss, sigmoid_bce
     total, dice_terms = 0.0, []
     for b, target in enumerate(masks):
         logits = upsample_logits(low_res_multimasks[b, :, None], target.shape, sam_size)  # (3, H, W)
@@ -192,9 +195,6 @@ def lr_at(step, steps, peak, warmup=100):
 
 def image_phase(model, tokenizer, steps, batch_size, lr, device, seed, workers, pool_size, log):
     """Every part end to end on single synthetic images (Dice + BCE, IoU MSE, answer CE)."""
-    from common.forward import llm_forward, move_batch
-    from common.losses import text_loss
-    from common.sa2va import Sa2VAProcessor, describe
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     pool = SyntheticPool(seed, pool_size, processes=workers)
     log(f"image phase: {len(pool)} synthetic images drawn")
@@ -235,8 +235,6 @@ def video_phase(model, tokenizer, steps, clip, lr, device, seed, workers, pool_s
     """SAM2's memory on synthetic clips: frame 0 prompted by [SEG] (its mask encoded into memory),
     frames 1.. tracked from memory alone (no prompt), Dice + BCE on the tracked frames. Only the
     memory modules and object pointers train; everything phase 1 made stays as it is."""
-    from common.forward import llm_forward, move_batch
-    from common.sa2va import Sa2VAProcessor, describe
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     pool = SyntheticPool(seed + 1, pool_size, clip=clip, sizes=(192, 384), processes=workers)
     log(f"video phase: {len(pool)} synthetic clips of {clip} frames drawn")
@@ -271,7 +269,6 @@ def video_phase(model, tokenizer, steps, clip, lr, device, seed, workers, pool_s
             if t > 0:
                 logits = F.interpolate(out["pred_masks_high_res"], size=masks[t].shape, mode="bilinear",
                                        align_corners=False)[0, 0]
-                from common.losses import dice_loss, sigmoid_bce
                 d = dice_loss(logits, masks[t].float())
                 loss = loss + d + sigmoid_bce(logits, masks[t].float())
                 dice.append(1 - d.detach())
@@ -289,7 +286,6 @@ def video_phase(model, tokenizer, steps, clip, lr, device, seed, workers, pool_s
 
 def pretrain(args, log=print):
     """A fresh tiny model (random init, seed) -> pretrained (model, tokenizer)."""
-    from common.tiny import TinySa2VAChatModel, TinySa2VAConfig, build_tokenizer
     torch.manual_seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -327,7 +323,6 @@ def parse_args(argv=None):
 
 
 def main(args):
-    from safetensors.torch import save_file
     t0 = time.time()
     model, _ = pretrain(args)
     os.makedirs(args.out, exist_ok=True)

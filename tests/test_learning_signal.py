@@ -89,7 +89,7 @@ def test_pretraining_is_deterministic(tmp_path):
 
 def test_shipped_weights_fit_the_tiny_model_and_answer_with_seg():
     from common.sa2va import load_model
-    from common.tiny_pretrain import WEIGHTS_DIR
+    from common.tiny import WEIGHTS_DIR
     model, tokenizer = load_model("tiny")
     with open(os.path.join(WEIGHTS_DIR, "pretrain.json")) as f:
         recipe = json.load(f)
