@@ -41,8 +41,9 @@ def parse_args(argv=None):
                        trainable="lora,text_hidden_fcs,mask_decoder")
     cli.add_lora_args(p, preset="medium")
     g = cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=1.0, pos_weight_default=SFT_POS_WEIGHT)
-    g.add_argument("--augment", action="store_true",
-                   help="show every training frame under a random flip / 90-degree rotation each epoch (small folders)")
+    p.add_argument_group("augmentation").add_argument(
+        "--augment", action="store_true",
+        help="show every training frame under a random flip / 90-degree rotation each epoch (small folders)")
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
     return cli.parse(p, argv)
