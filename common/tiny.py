@@ -88,7 +88,7 @@ class TinySa2VAConfig(PretrainedConfig):
                                   tie_word_embeddings=False), **(llm_config or {})}
         # SAM2's input size as released (1024 px -> 256 x 256 low-res logits): a coarser grid caps the
         # Dice of thin vessels whatever the training (64 x 64: ~0.60 on DRIVE, README "Real images")
-        self.sam_config = {**dict(image_size=1024, hidden_dim=64), **(sam_config or {})}
+        self.sam_config = {**dict(image_size=1024, hidden_dim=128), **(sam_config or {})}
         self.select_layer = select_layer
         self.force_image_size = force_image_size
         self.downsample_ratio = downsample_ratio
@@ -175,24 +175,36 @@ def filter_bank(size):
     return torch.stack([f / f.norm() for f in filters]).float()
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, channels, dilation=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.gelu(self.conv1(x)))
+
+
 class TinyImageEncoder(nn.Module):
     """Conv trunk at strides 4, 8, 16 + an FPN neck to `d_model`: the dict SAM2's ImageEncoder
     returns (`vision_features`, `vision_pos_enc`, `backbone_fpn`, highest resolution first)."""
 
     def __init__(self, d_model):
         super().__init__()
-        widths = (16, 32, 64)
+        widths = (32, 64, 128)
         # SAM2's encoder is pretrained; a random frozen one sees little of a 1-2 px vessel. The
         # stand-in's first layer is a fixed bank of smoothing, centre-surround and oriented
         # ridge filters (both signs), so the frozen features carry what a pretrained one would.
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 7, 2, 3), nn.GELU(), nn.Conv2d(widths[0], widths[0], 3, 2, 1),
-                                  nn.GELU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3), nn.GELU(), nn.Conv2d(16, widths[0], 3, 2, 1),
+                                  nn.GELU(), ResidualBlock(widths[0]))
         with torch.no_grad():
             bank = filter_bank(7)
             self.stem[0].weight.copy_(torch.cat([bank, -bank])[:, None].expand(-1, 3, -1, -1) / 3)
             self.stem[0].bias.zero_()
-        self.stage2 = nn.Sequential(nn.Conv2d(widths[0], widths[1], 3, 2, 1), nn.GELU())
-        self.stage3 = nn.Sequential(nn.Conv2d(widths[1], widths[2], 3, 2, 1), nn.GELU())
+        self.stage2 = nn.Sequential(nn.Conv2d(widths[0], widths[1], 3, 2, 1), nn.GELU(), ResidualBlock(widths[1]))
+        # a dilated block widens the coarsest level's view: a vessel is told from a blob by its course
+        self.stage3 = nn.Sequential(nn.Conv2d(widths[1], widths[2], 3, 2, 1), nn.GELU(), ResidualBlock(widths[2]),
+                                    ResidualBlock(widths[2], dilation=2))
         self.neck = nn.ModuleList(nn.Conv2d(w, d_model, 1) for w in widths)
         self.d_model = d_model
 
@@ -201,8 +213,10 @@ class TinyImageEncoder(nn.Module):
         x1 = self.stage2(x0)
         x2 = self.stage3(x1)
         fpn = [conv(x) for conv, x in zip(self.neck, (x0, x1, x2))]
-        # top-down fusion, as SAM2's FpnNeck does for its lower levels
-        fpn[1] = fpn[1] + F.interpolate(fpn[2], size=fpn[1].shape[-2:], mode="nearest")
+        # top-down fusion down to the finest level (SAM2's FpnNeck fuses its coarser levels; the
+        # stand-in's shallow trunk needs the context at stride 4, where thin vessels are decided)
+        for level in (1, 0):
+            fpn[level] = fpn[level] + F.interpolate(fpn[level + 1], size=fpn[level].shape[-2:], mode="nearest")
         pos = [sine_position_encoding(self.d_model, *f.shape[-2:], f.device, f.dtype).expand(f.shape[0], -1, -1, -1)
                for f in fpn]
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}

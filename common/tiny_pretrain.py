@@ -44,7 +44,7 @@ from common.sa2va import Sa2VAProcessor, describe
 from common.synth import BASE_SIZE, _background, _contrast_curve, _deform, _motion, _render, _vessel_tree
 from common.tiny import WEIGHTS_DIR, TinySa2VAChatModel, TinySa2VAConfig, build_tokenizer
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: wider, residual encoder with top-down fusion to stride 4; SAM2 width 128
 SAM_SIZE = 1024  # as the released SAM2: 256 x 256 low-res logits (FACTS: a 64 x 64 grid caps DRIVE at 0.60)
 
 
@@ -308,9 +308,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=WEIGHTS_DIR, help="folder to write model.safetensors + pretrain.json into")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data streams")
-    p.add_argument("--image_steps", type=int, default=2000, help="optimizer steps of phase 1 (single images)")
+    p.add_argument("--image_steps", type=int, default=1500, help="optimizer steps of phase 1 (single images)")
     p.add_argument("--batch_size", type=int, default=16, help="images per phase-1 step")
-    p.add_argument("--video_steps", type=int, default=1000, help="optimizer steps of phase 2 (one clip each)")
+    p.add_argument("--video_steps", type=int, default=500, help="optimizer steps of phase 2 (one clip each)")
     p.add_argument("--clip", type=int, default=6, help="frames per phase-2 clip")
     p.add_argument("--image_pool", type=int, default=2048, help="synthetic images drawn for phase 1 (each seen in 8 views)")
     p.add_argument("--video_pool", type=int, default=256, help="synthetic clips drawn for phase 2")
