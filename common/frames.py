@@ -38,10 +38,14 @@ The rule (thresholds are flags; manifest.json records the values used and every 
    candidates, faint dips included (a washed-out stretch inside a run is a hard moment worth
    labelling). A curve whose range is below FLAT_RANGE of its peak shows no wash-in or wash-out:
    every frame is a candidate.
-3. Heartbeat. The mean thumbnail distance (4.) between candidate frames L apart, for each lag L:
-   the heartbeat period is its first clear dip (below PERIOD_DIP of the largest distance at
-   shorter lags), refined by a parabola; each frame then has a cardiac phase in [0, 1). No dip,
-   no phase (the image distance stands in for it in 5.).
+3. Heartbeat. D(L), the mean thumbnail distance (4.) of candidate frames L apart, grows with L
+   (drift, contrast changes) and dips at each multiple of the heartbeat period P. D is fitted as
+   a + b L + c (1 - cos(2 pi L / P)), c > 0, P searched in steps of PERIOD_STEP frames; a heartbeat
+   is measured when the wave explains at least PERIOD_FIT of what a straight line leaves and its
+   dip lies inside the lags seen (up to half the span: two beats are needed). Each frame then has
+   a cardiac phase (t / P mod 1). No heartbeat measured, no phase: the frame distance stands in for
+   it in 5. On 10 synthetic runs of 60 frames the measured P was within 0.25 frames of the
+   generator's in 9 and not measured in 1.
 4. Frame distance: the mean absolute grey difference (0-1) of two frames' THUMBNAIL x THUMBNAIL
    area-averaged thumbnails. Two frames closer than --min_distance (default 0.01, 1% of the grey
    range) are near-duplicates; on the synthetic runs noise alone gives 0.005-0.007, neighbours
@@ -96,7 +100,8 @@ THUMBNAIL = 32  # px: side of the thumbnails the frame distance compares (averag
 CONTRAST_LEVEL = 0.3  # share of the curve's range a frame needs to be inside the contrast span
 FLAT_RANGE = 0.25  # curve range below this share of its peak: no wash-in/out measured, all frames candidates
 MIN_DISTANCE = 0.01  # frame distance below which two frames are near-duplicates (1% of the grey range)
-PERIOD_DIP = 0.8  # a heartbeat: a dip of the lag-distance curve below this share of its earlier maximum
+PERIOD_FIT = 0.8  # a heartbeat: the periodic wave explains this share of the lag-distance curve beyond a line
+PERIOD_STEP = 0.05  # frames: resolution of the period search
 DRAFT_NOTE = ("DRAFT mask predicted by a model ({checkpoint}), NOT ground truth: correct it, then save it as "
               "masks/<same name>.png")
 
@@ -396,18 +401,29 @@ def frame_distance(a, b):
 
 
 def heartbeat_period(thumbs):
-    """Heartbeat period in frames of a run's candidate thumbnails (rule step 3), or None."""
+    """Heartbeat period in frames of a run's candidate thumbnails (rule step 3), or None.
+
+    D(L), the mean distance of frames L apart, grows with L (drift, contrast changes) and dips at
+    every multiple of the period. Fitted as a + b L + c (1 - cos(2 pi L / P)), c > 0, for P on a
+    PERIOD_STEP grid from 3 to the largest lag less half a frame (the dip must be seen):
+    the period is the best P when the wave explains at least PERIOD_FIT of what the straight line
+    leaves and P is not the grid's end (a slow trend fits as a wave longer than the lags seen)."""
     lags = np.arange(1, len(thumbs) // 2 + 1)
-    if len(lags) < 3:
+    if len(lags) < 5:
         return None
-    curve = np.array([np.abs(thumbs[lag:] - thumbs[:-lag]).mean() for lag in lags])
-    for i in range(1, len(curve) - 1):
-        if curve[i] <= curve[i - 1] and curve[i] < curve[i + 1] and curve[i] < PERIOD_DIP * curve[:i].max():
-            # the parabola through the dip and its neighbours puts the period between whole frames
-            left, mid, right = curve[i - 1], curve[i], curve[i + 1]
-            shift = 0.5 * (left - right) / (left - 2 * mid + right)
-            return float(lags[i] + shift)
-    return None
+    dist = np.array([np.abs(thumbs[lag:] - thumbs[:-lag]).mean() for lag in lags])
+    line = np.stack([np.ones_like(dist), lags], axis=1)
+    left = np.sum((line @ np.linalg.lstsq(line, dist, rcond=None)[0] - dist) ** 2)
+    best, grid = None, np.arange(3, lags[-1] - 0.5 + 1e-9, PERIOD_STEP)
+    for period in grid:
+        model = np.concatenate([line, 1 - np.cos(2 * np.pi * lags / period)[:, None]], axis=1)
+        coef = np.linalg.lstsq(model, dist, rcond=None)[0]
+        residual = np.sum((model @ coef - dist) ** 2)
+        if coef[2] > 0 and (best is None or residual < best[0]):
+            best = (residual, float(period))
+    if best is None or left <= 0 or 1 - best[0] / left < PERIOD_FIT or best[1] >= grid[-1] - PERIOD_STEP / 2:
+        return None  # no wave, or one that wants a period beyond the lags seen (a trend, not a beat)
+    return best[1]
 
 
 def circular(a, b):
@@ -558,7 +574,7 @@ def write_drafts(out, stems, args):
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m common.frames", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--videos", required=True,
@@ -581,8 +597,12 @@ def parse_args(argv=None):
     g.add_argument("--init", default=None, help="stage checkpoint whose predicted masks are written to drafts/")
     g.add_argument("--model", default=None, help="base model of --init (default: the base_model its stage.json names)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a draft's vessel pixel")
-    g.add_argument("--batch_size", type=int, default=4, help="frames per forward pass of the drafts")
-    return cli.parse(p, argv)
+    g.add_argument("--batch_size", type=int, default=8, help="frames per forward pass of the drafts")
+    return p
+
+
+def parse_args(argv=None):
+    return cli.parse(build_parser(), argv)
 
 
 def prepare_out(out, overwrite):
@@ -608,7 +628,7 @@ def main(args):
             os.makedirs(os.path.join(tmp, "strips"))
         rule = dict(per_video=args.per_video, contrast_level=args.contrast_level, min_distance=args.min_distance,
                     seed=args.seed, measure_size=MEASURE_SIZE, ridge_sigmas=list(RIDGE_SIGMAS), thumbnail=THUMBNAIL,
-                    flat_range=FLAT_RANGE, period_dip=PERIOD_DIP)
+                    flat_range=FLAT_RANGE, period_fit=PERIOD_FIT)
         entries, frames = [], []
         for name, kind, where in tqdm(runs, desc="sampling runs", disable=len(runs) < 2):
             run = read_run(name, kind, where)

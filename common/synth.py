@@ -15,12 +15,17 @@ clusters that hard-sample mining should find; `synth_meta.json` records the
 per-frame contrast and the stretches, so tests and benchmarks know where they are.
 The mask is always the full vessel geometry: a faint vessel is still a vessel.
 
+`write_cines` (`--cine gif|tiff|dicom|mp4|avi`) writes whole injections instead, one cine file
+per video and no masks: frames without contrast before the bolus arrives and after it has washed
+out (`bolus_curve`), the input `python -m common.frames` samples training frames from.
+
 Image and mask come from one distance field: the mask is exactly
 distance-to-centerline < radius, the image darkens with the X-ray path length
 through that same cylinder. Everything is drawn from one seed; the same
 arguments give byte-identical files.
 
     python -m common.synth --out data/synth --videos 8 --frames 12 --size 128 --seed 0
+    python -m common.synth --out cines --videos 2 --frames 48 --cine dicom --bits 12
 """
 
 import argparse
@@ -28,6 +33,7 @@ import json
 import os
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +244,7 @@ def bolus_curve(num_frames, arrival=0.2, peak=0.35, washout=0.6, gone=0.8):
     return 0.5 - 0.5 * np.cos(np.pi * np.minimum(rise, fall))
 
 
-def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=None):
+def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=None, info=None):
     """One synthetic angiography video.
 
     Returns (images, masks, contrast): `num_frames` uint8 (size, size, 3) images, bool
@@ -246,6 +252,7 @@ def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=No
     washed out). The mask is the full vessel geometry whatever the contrast.
     `contrast`: the per-frame contrast to draw with (e.g. `bolus_curve`: frames before the
     injection show no vessel) instead of the default wash-in with washed-out stretches.
+    `info`: a dict that gets the heartbeat period in frames (`period`), to check measurements against.
     """
     scale = size / BASE_SIZE
     for _ in range(20):
@@ -254,6 +261,8 @@ def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=No
         if VESSEL_FRACTION[0] <= fraction <= VESSEL_FRACTION[1]:
             break
     motion = _motion(rng, size)
+    if info is not None:
+        info["period"] = float(motion["period"])
     background = _background(rng, size)
     if contrast is None:
         contrast, hard = _contrast_curve(rng, num_frames)
@@ -421,7 +430,7 @@ def write_dataset(out_dir, num_videos=8, frames_per_video=12, size=128, seed=0, 
 # ----------------------------------------------------------------------------- cine loops
 
 CINE_FORMATS = {"gif": ".gif", "tiff": ".tif", "dicom": ".dcm", "mp4": ".mp4", "avi": ".avi"}
-CINE_FRAME_MS = 66.7  # 15 frames/s, a usual cine rate of X-ray angiography
+CINE_FRAME_MS = 80  # 12.5 frames/s, a usual cine rate of X-ray angiography (and whole GIF centiseconds)
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # DICOM X-Ray Angiographic Image Storage
 
 
@@ -453,7 +462,7 @@ def write_cine(path, frames, fmt, bits=8, frame_ms=CINE_FRAME_MS, window=None):
     elif fmt in ("mp4", "avi"):
         import av  # noqa: PLC0415 (optional: requirements-extras.txt)
         with av.open(str(path), "w") as container:
-            stream = container.add_stream("mpeg4", rate=round(1000 / frame_ms))
+            stream = container.add_stream("mpeg4", rate=Fraction(1000, frame_ms))
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             stream.bit_rate = 8_000_000  # ~20x a clinical export's: the grain survives (mean error ~2 grey levels)
             for frame in frames:
@@ -492,7 +501,7 @@ def write_cines(out_dir, num_videos=2, num_frames=48, size=128, seed=0, fmt="gif
     """Synthetic cine runs, one file per video (`run00.gif`, ...): the vessel trees of make_video
     beating as usual, under one injection each (`bolus_curve`: no contrast in the first fifth of the
     run, wash-in, plateau, wash-out, none in the last fifth). `cine_meta.json` records each file's
-    contrast per frame. Written to `<out_dir>.tmp` and renamed; an existing `out_dir` with the same
+    contrast per frame and heartbeat period. Written to `<out_dir>.tmp` and renamed; an existing `out_dir` with the same
     arguments is returned as is, with other arguments ValueError (as write_dataset)."""
     if fmt not in CINE_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(CINE_FORMATS)}, not {fmt!r}")
@@ -507,10 +516,12 @@ def write_cines(out_dir, num_videos=2, num_frames=48, size=128, seed=0, fmt="gif
     contrast = bolus_curve(num_frames)
     videos = []
     for v, rng in enumerate(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_videos)):
-        images, _, _ = make_video(rng, num_frames, size, contrast=contrast)
+        truth = {}
+        images, _, _ = make_video(rng, num_frames, size, contrast=contrast, info=truth)
         name = f"run{v:02d}{CINE_FORMATS[fmt]}"
         write_cine(tmp / name, np.stack([im[:, :, 0] for im in images]), fmt, bits)
-        videos.append({"file": name, "frame_ms": CINE_FRAME_MS, "contrast": [round(float(c), 4) for c in contrast]})
+        videos.append({"file": name, "frame_ms": CINE_FRAME_MS, "heartbeat_period_frames": round(truth["period"], 4),
+                       "contrast": [round(float(c), 4) for c in contrast]})
     (tmp / "cine_meta.json").write_text(json.dumps({"generator": "common.synth", "args": args, "videos": videos},
                                                    indent=1))
     os.rename(tmp, out_dir)
