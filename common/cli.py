@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from common.data import DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
+from common.data import CURRICULA, DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
 from common.engine import RunError
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, llm_module, load_model
@@ -134,6 +134,19 @@ def add_lora_args(p, preset="medium"):
     g.add_argument("--lora_alpha", type=int, default=None, help="overrides the preset's alpha")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA path")
     g.add_argument("--lora_mlp", action="store_true", help="also adapt the MLP projections, not only attention")
+    return g
+
+
+def add_curriculum_args(p):
+    g = p.add_argument_group("curriculum")
+    g.add_argument("--curriculum", choices=CURRICULA, default="off",
+                   help="off: every epoch trains on all frames in random order. area: large vessels first (the "
+                        "methodology's PPO notes): the frames, ranked by vessel area in their masks, are cut into "
+                        "--curriculum_phases groups; the epochs train on growing subsets (the largest-vessel group, "
+                        "then the two largest, ...), the last epoch on all, each epoch group by group, shuffled "
+                        "within a group")
+    g.add_argument("--curriculum_phases", type=int, default=3,
+                   help="groups of --curriculum area: 3 = large, medium, thin vessels")
     return g
 
 
