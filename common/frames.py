@@ -48,8 +48,10 @@ The rule (thresholds are flags; manifest.json records the values used and every 
    generator's in 9 and not measured in 1.
 4. Frame distance: the mean absolute grey difference (0-1) of two frames' THUMBNAIL x THUMBNAIL
    area-averaged thumbnails. Two frames closer than --min_distance (default 0.01, 1% of the grey
-   range) are near-duplicates; on the synthetic runs noise alone gives 0.005-0.007, neighbours
-   in the contrast plateau 0.008-0.015, frames half a heartbeat apart about 0.02.
+   range) are near-duplicates. On 10 synthetic runs of 60 frames (5th-95th percentile): pixel
+   noise alone (frames before the contrast) 0.005-0.010, neighbours in the contrast plateau
+   0.008-0.016, frames one heartbeat apart 0.009-0.021, half a heartbeat apart 0.014-0.031; a
+   frame repeated (a run exported at twice its frame rate) 0.
 5. Choice. The candidates are cut into --per_video equal time segments (spread over the run);
    from each, one frame: the one whose cardiac phase is farthest from the phases kept so far
    (without a phase: the one farthest in frame distance from the frames kept so far); the first
@@ -69,7 +71,6 @@ masks/ only), carry a DRAFT note in each PNG and in drafts/README.txt. Label mas
 then train on --out.
 """
 import argparse
-import json
 import os
 import re
 import shutil
@@ -154,7 +155,7 @@ def find_runs(root, skip=()):
             found.append((stem, "movie", path))
         elif ext in STACK_EXTENSIONS and page_count(path) > 1:
             found.append((stem, "stack", path))
-        elif ext in IMAGE_EXTENSIONS:
+        elif ext in IMAGE_EXTENSIONS + STACK_EXTENSIONS:  # a still frame of a video named <video>_<frame>
             video, frame = parse_video(stem, VIDEO_REGEX)
             loose.setdefault(video, []).append((frame, path))
     found += [(video, "frames", [p for _, p in sorted(paths)]) for video, paths in loose.items()]
@@ -549,9 +550,11 @@ def write_drafts(out, stems, args):
 
     base = args.model or read_stage_meta(args.init).get("base_model") or "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(base, seed=args.seed)
+    bf16 = args.bf16 and device.type == "cuda"
+    model, tokenizer = load_model(base, dtype=torch.bfloat16 if bf16 else torch.float32, seed=args.seed)
     load_stage(model, args.init)
     model.to(device).eval()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None  # as evaluate.py --bf16
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     os.makedirs(os.path.join(out, "drafts"))
     note = DRAFT_NOTE.format(checkpoint=args.init)
@@ -561,7 +564,8 @@ def write_drafts(out, stems, args):
     for start in tqdm(range(0, len(stems), args.batch_size), desc="draft masks", leave=False):
         batch = [dict(image=read_image(os.path.join(out, "images", f"{s}.png")), key=s)
                  for s in stems[start:start + args.batch_size]]
-        for sample, probs in zip(batch, predict_probabilities(model, move_batch(processor(batch), device))):
+        probabilities = predict_probabilities(model, move_batch(processor(batch), device), autocast=autocast)
+        for sample, probs in zip(batch, probabilities):
             mask = (probs.float().cpu().numpy() > args.threshold).astype(np.uint8) * 255
             pixels += int(mask.astype(bool).sum())
             Image.fromarray(mask).save(os.path.join(out, "drafts", f"{sample['key']}.png"), pnginfo=info)
@@ -598,6 +602,7 @@ def build_parser():
     g.add_argument("--model", default=None, help="base model of --init (default: the base_model its stage.json names)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a draft's vessel pixel")
     g.add_argument("--batch_size", type=int, default=8, help="frames per forward pass of the drafts")
+    g.add_argument("--bf16", action="store_true", help="drafts in bf16 on a GPU (as evaluate.py --bf16)")
     return p
 
 
@@ -605,9 +610,22 @@ def parse_args(argv=None):
     return cli.parse(build_parser(), argv)
 
 
-def prepare_out(out, overwrite):
-    """The temporary folder this run writes, beside --out; refuses a non-empty --out without --overwrite."""
+def describe_run(entry):
+    """One line on what was chosen in a run and why the others were not."""
+    first, last = entry["span"]
+    return (f"{entry['video']}: {len(entry['chosen'])} of {entry['frames']} frames (contrast span {first}-{last}"
+            + (", flat: no wash-in/out measured" if entry["flat"] else "")
+            + (f"; heartbeat {entry['period_frames']:.1f} frames" if entry["period_frames"] else "; no heartbeat measured")
+            + f"; {len(entry['near_duplicates'])} near-duplicates passed over"
+            + (f"; {entry['saturated']:.1%} of pixels outside the file's window" if entry.get("saturated") else "") + ")")
+
+
+def prepare_out(out, overwrite, videos):
+    """The temporary folder this run writes, beside --out; refuses a non-empty --out without --overwrite,
+    and an --out that holds the videos (--overwrite would delete them)."""
     out = os.path.abspath(out)
+    if os.path.commonpath([out, os.path.abspath(videos)]) == out:
+        raise RunError(f"{out}: holds the videos (--videos {videos}); write the frames somewhere else")
     if os.path.isfile(out):
         raise RunError(f"{out}: is a file; --out must be a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -620,8 +638,11 @@ def prepare_out(out, overwrite):
 
 def main(args):
     start = time.time()
+    if args.init:  # before any work: a wrong checkpoint is named now, not after every run is sampled
+        from common.lora import read_stage_meta
+        read_stage_meta(args.init)
     runs = find_runs(args.videos, skip={os.path.abspath(args.out)})
-    out, tmp = prepare_out(args.out, args.overwrite)
+    out, tmp = prepare_out(args.out, args.overwrite, args.videos)
     try:
         os.makedirs(os.path.join(tmp, "images"))
         if args.strips:
@@ -643,11 +664,7 @@ def main(args):
             if args.strips:
                 contact_strip(run, entry, os.path.join(tmp, "strips", f"{name}.png"), args.contrast_level)
             entries.append(entry)
-            saturated = f", {entry['saturated']:.1%} of pixels outside the file's window" if entry.get("saturated") else ""
-            tqdm.write(f"{name}: {len(entry['chosen'])} of {entry['frames']} frames (contrast span {entry['span'][0]}-"
-                  f"{entry['span'][1]}{', flat: no wash-in/out measured' if entry['flat'] else ''}; heartbeat "
-                  f"{'%.1f frames' % entry['period_frames'] if entry['period_frames'] else 'not measured'}; "
-                  f"{len(entry['near_duplicates'])} near-duplicates passed over{saturated})")
+            tqdm.write(describe_run(entry))
         drafts = write_drafts(tmp, [os.path.splitext(os.path.basename(f["image"]))[0] for f in frames], args) \
             if args.init else None
         write_json(os.path.join(tmp, "manifest.json"), dict(

@@ -4,6 +4,7 @@ GIF, multi-frame DICOM, TIFF stacks, folders of frames and, where PyAV is instal
 import itertools
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from common import cli, frames, synth
 from common.data import parse_video
+from conftest import ROOT
 
 FRAMES, SIZE, PER_VIDEO = 60, 128, 6
 
@@ -167,6 +169,9 @@ def test_one_line_errors(run, tmp_path, capsys, monkeypatch):
     (taken / "notes.txt").write_text("someone's")
     assert f"{taken}: exists and is not empty" in error(["--videos", str(videos), "--out", str(taken)])
     assert (taken / "notes.txt").exists() and not list(tmp_path.glob("taken.tmp*"))
+    assert "holds the videos" in error(["--videos", str(videos), "--out", str(tmp_path), "--overwrite"])
+    assert f"{tmp_path / 'nowhere'}: not a stage checkpoint" in error(
+        ["--videos", str(videos), "--out", str(tmp_path / "o0"), "--init", str(tmp_path / "nowhere")])
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
@@ -199,3 +204,21 @@ def test_draft_masks_are_the_prediction_paths_and_marked(run, tmp_path, tiny_fol
     for stem in stems:
         assert np.array_equal(np.asarray(Image.open(out / "drafts" / f"{stem}.png")),
                               np.asarray(Image.open(tmp_path / "pred" / "masks" / f"{stem}.png")))
+
+
+def test_run_sh_starts_from_videos(run, tmp_path):
+    """VIDEOS=DIR: run.sh samples the frames into its data folder first (its banner says so), stops until
+    they have masks, and does not sample again once they do."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), VIDEOS=str(write(tmp_path, run, "gif")), PER_VIDEO="4", STAGES="none")
+    first = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
+    assert f"==== frames from videos: {env['VIDEOS']} -> {out}/data" in first.stdout
+    assert "no masks yet" in first.stderr and f"{out}/data/masks/<same name>.png" in first.stderr
+    images = sorted((out / "data" / "images").iterdir())
+    assert 1 <= len(images) <= 4 and (out / "data" / "manifest.json").is_file()
+    (out / "data" / "masks").mkdir()
+    for path in images:  # what annotators hand back
+        Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(out / "data" / "masks" / path.name)
+    again = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "not sampled again" in again.stdout, again.stderr[-2000:]
