@@ -580,6 +580,8 @@ def write_drafts(out, stems, args):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m common.frames", description=__doc__.split("\n")[0],
+                                epilog="The rule, its thresholds and the outputs: README 'From videos to frames', or "
+                                       "this module's docstring (common/frames.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--videos", required=True,
                    help="folder of cine runs (DICOM, MP4/AVI/MOV/MKV, GIF, multi-page TIFF, a sub-folder of frames "

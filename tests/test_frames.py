@@ -1,6 +1,7 @@
 """common/frames.py: training frames sampled from cine runs that the tests make with the project's
 own generator (common.synth: a beating vessel tree under one injection, `bolus_curve`), written as
-GIF, multi-frame DICOM, TIFF stacks, folders of frames and, where PyAV is installed, MP4."""
+GIF, multi-frame DICOM, TIFF stacks, folders of frames and, where PyAV is installed, MP4. pydicom is
+required, not skipped: .ci/run installs requirements-extras.txt so that the DICOM tests run in CI."""
 import itertools
 import json
 import os
@@ -62,8 +63,6 @@ def check_rule(manifest, out, contrast):
 
 @pytest.mark.parametrize("fmt", ["gif", "dicom"])
 def test_skips_frames_without_contrast_keeps_at_most_n_apart(run, tmp_path, fmt):
-    if fmt == "dicom":
-        pytest.importorskip("pydicom")  # requirements-extras.txt: installed by .ci/run, so this runs in CI
     manifest = sample(write(tmp_path, run, fmt), tmp_path / "out")
     check_rule(manifest, tmp_path / "out", run["contrast"])
     (entry,) = manifest["runs"]
@@ -107,7 +106,6 @@ def test_wide_frames_give_the_8bit_frames(run, tmp_path):
 
 
 def test_dicom_window_is_applied_and_saturation_reported(run, tmp_path):
-    pytest.importorskip("pydicom")
     centre, width = 1800, 1200  # stored values (12-bit) outside 1200-2400 saturate
     path = write(tmp_path, run, "dicom", bits=12, window=(centre, width)) / "run00.dcm"
     read = frames.read_run("run00", "dicom", str(path))
@@ -120,7 +118,7 @@ def test_dicom_window_is_applied_and_saturation_reported(run, tmp_path):
 
 def test_pydicom_test_file_multiframe_colour():
     """A multi-frame file pydicom ships (30 JPEG-baseline YBR frames): decoded, grey, timed."""
-    examples = pytest.importorskip("pydicom.examples")
+    from pydicom import examples
     read = frames.read_run("ybr", "dicom", str(examples.get_path("ybr_color")))
     assert read.frames.shape == (30, 240, 320) and read.frames.dtype == np.uint8
     assert read.times[1] > 0
@@ -148,9 +146,12 @@ def test_frame_folders_loose_frames_and_duplicated_frames(run, tmp_path):
     assert len({t // 2 for t in kept}) == len(kept)
 
 
-def test_help_explains_every_flag():
-    parser = frames.build_parser()
-    assert all(action.help for action in parser._actions)
+def test_help_explains_every_flag_and_impossible_values_stop_at_start(capsys):
+    assert all(action.help for action in frames.build_parser()._actions)
+    for flag, value in (("--per_video", "0"), ("--min_distance", "-0.1"), ("--contrast_level", "1.5")):
+        with pytest.raises(SystemExit) as stop:
+            frames.parse_args(["--videos", "v", "--out", "o", flag, value])
+        assert stop.value.code == 2 and f"argument {flag}: got" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damaged file before it fails
