@@ -437,7 +437,7 @@ XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # DICOM X-Ray Angiographic Image 
 def widen(frames, bits):
     """uint8 frames as `bits`-bit values: v * (2^bits - 1) / 255, rounded (uint16 above 8 bits). Scaling
     back by the bit depth (common.data.to_8bit) returns the 8-bit values exactly: the rounding error,
-    at most 0.5 / (2^bits - 1) * 255 < 0.07 grey levels for 12 bits, never reaches a rounding boundary."""
+    at most 0.5 * 255 / (2^bits - 1) grey levels (0.03 for 12 bits), never reaches a rounding boundary."""
     if bits == 8:
         return np.asarray(frames, np.uint8)
     top = 2 ** bits - 1

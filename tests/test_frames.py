@@ -90,9 +90,8 @@ def test_same_seed_same_frames(run, tmp_path):
 
 def test_wide_frames_give_the_8bit_frames(run, tmp_path):
     """12- and 16-bit versions of the run read as its 8-bit frames. Exact, not within 1/255: the wide
-    values are v * (2^b - 1) / 255 rounded, and scaling back by the bit depth lands within 0.07 grey
-    levels of v, far from a rounding boundary (synth.widen)."""
-    pytest.importorskip("pydicom")
+    values are v * (2^b - 1) / 255 rounded, and scaling back by the bit depth lands within
+    0.5 * 255 / (2^b - 1) grey levels of v (0.03 for 12 bits), far from a rounding boundary (synth.widen)."""
     eight = frames.read_run("run00", "stack", str(write(tmp_path, run, "gif") / "run00.gif")).frames
     assert np.array_equal(eight, run["frames"])
     wide = [frames.read_run("run00", "stack", str(write(tmp_path, run, "tiff", bits=16) / "run00.tif")),
