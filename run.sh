@@ -5,6 +5,7 @@
 #   bash run.sh quick                    # tiny model + synthetic vessel videos, CPU, minutes
 #   MODEL=/path/Sa2VA-4B DATA=/path/vessels BF16=1 bash run.sh full
 #   DATA=/path/20_to_40_still_images SEEDS=3 bash run.sh real     # a small real folder, 3 seeds, gains
+#   VIDEOS=/path/cine_runs MODEL=/path/Sa2VA-4B bash run.sh full   # from angiography videos: frames first
 #
 # Presets: quick (caps of 100 / 24 frames, short stages), full (the mission's 1000 / 100 frames),
 # real (every frame of a small real folder, longer SFT; DATA given => STILL_IMAGES=1 unless set).
@@ -12,6 +13,11 @@
 # Environment (all optional):
 #   MODEL      base Sa2VA folder (InternVL or Qwen-VL family), `tiny` or `tiny-qwenvl` (default: tiny)
 #   DATA       data folder (images/ + masks/ or annotations.json); default: synthetic videos in $OUT/data
+#   VIDEOS     folder of cine runs (DICOM, MP4/AVI, GIF/TIFF, folders of frames): the training frames are first
+#              sampled from it into DATA (default $OUT/data) with python -m common.frames (PER_VIDEO frames a run,
+#              default 20; DRAFTS_FROM=<stage checkpoint> adds draft masks for annotators in drafts/). Until that
+#              folder has masks/ (or annotations.json) the run stops there (exit 3), saying what to label; run the
+#              same command again once they are there (a DATA that already has images/ is not sampled again)
 #   FORMAT     layout of the generated synthetic data: masks | annotations (default masks)
 #   OUT        output folder (default outputs/<preset> in this project folder)
 #              (relative MODEL, DATA, OUT and HOSTFILE are read from the directory you run this in)
@@ -24,6 +30,7 @@
 #   ENGINE     engine of the training scripts under the deepspeed launcher: torch (default; plain-torch data
 #              parallel, fused AdamW: the faster step for LoRA, README "Performance") or deepspeed (ZeRO)
 #   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
+#   CURRICULUM=area  SFT and hard training with --curriculum area (large vessels first; CURRICULUM_PHASES, default 3)
 #   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
 #   SEED       seed of split, initialisation and order of every stage (default 0)
@@ -36,6 +43,8 @@ set -euo pipefail
 # paths the user typed are relative to the directory they typed them in, not to this project
 abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
 [ -n "${DATA:-}" ] && DATA=$(abspath "$DATA")
+[ -n "${VIDEOS:-}" ] && VIDEOS=$(abspath "$VIDEOS")
+[ -n "${DRAFTS_FROM:-}" ] && DRAFTS_FROM=$(abspath "$DRAFTS_FROM")
 [ -n "${OUT:-}" ] && OUT=$(abspath "$OUT")
 [ -n "${HOSTFILE:-}" ] && HOSTFILE=$(abspath "$HOSTFILE")
 [ -n "${MODEL:-}" ] && [ -e "$MODEL" ] && MODEL=$(abspath "$MODEL")  # `tiny` and friends are names, not paths
@@ -93,6 +102,10 @@ else
   PPO_ARGS=(--epochs 1 --lr 1e-5)
 fi
 MINE_ARGS=(--threshold_hard "$HARD_DICE")
+if [ -n "${CURRICULUM:-}" ]; then
+  SFT_ARGS+=(--curriculum "$CURRICULUM" --curriculum_phases "${CURRICULUM_PHASES:-3}")
+  HARD_ARGS+=(--curriculum "$CURRICULUM" --curriculum_phases "${CURRICULUM_PHASES:-3}")
+fi
 # the data flags every script gets (evaluate.py too)
 DATA_ARGS=()
 [ "${STILL_IMAGES:-0}" = 1 ] && DATA_ARGS+=(--still_images)
@@ -139,6 +152,23 @@ train() {
 
 mkdir -p "$OUT"
 START=$(date +%s)
+if [ -n "${VIDEOS:-}" ]; then
+  DATA=${DATA:-$OUT/data}
+  if [ -d "$DATA/images" ]; then
+    banner "frames from videos: $DATA/images exists, not sampled again from $VIDEOS (remove it to sample anew)"
+  else
+    banner "frames from videos: $VIDEOS -> $DATA (contrast span, heartbeat phases, no near-duplicates; common/frames.py)"
+    FRAME_ARGS=(--videos "$VIDEOS" --out "$DATA" --per_video "${PER_VIDEO:-20}" --seed "$SEED" --strips)
+    [ -n "${DRAFTS_FROM:-}" ] && FRAME_ARGS+=(--init "$DRAFTS_FROM" --model "$MODEL")
+    "$PYTHON" -m common.frames "${FRAME_ARGS[@]}"
+  fi
+  if [ ! -d "$DATA/masks" ] && [ ! -f "$DATA/annotations.json" ]; then
+    echo "run.sh: $DATA holds frames sampled from $VIDEOS but no masks yet: label them as $DATA/masks/<same name>.png" \
+      "$([ -d "$DATA/drafts" ] && echo "(drafts/ holds predicted DRAFT masks to start from) ")and run the same command" \
+      "again (manifest.json says where each frame comes from, strips/ shows the choice)" >&2
+    exit 3
+  fi
+fi
 if [ -z "${DATA:-}" ]; then
   DATA="$OUT/data"
   banner "synthetic vessel videos -> $DATA"

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import (VIEWS, DataError, EvalSampler, MaskRule, VesselDataset, build_splits, describe_split,
-                         dihedral, frame_mask, image_size, view_key)
+from common.data import (VIEWS, DataError, EvalSampler, MaskRule, VesselDataset, area_curriculum, build_splits,
+                         describe_split, dihedral, frame_mask, image_size, view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
@@ -65,6 +65,7 @@ def parse_args(argv=None):
                    help="rounds of --epochs epochs; each round after the first re-mines the train split with the "
                         "current model")
     cli.add_mask_loss_args(p, dice_weight=1.0, bce_weight=0.5, pos_weight_default="1")
+    cli.add_curriculum_args(p)
     return cli.parse(p, argv)
 
 
@@ -123,15 +124,24 @@ def cached_keys(cache, model):
     return frozenset(cache.fpn.keys() & cache.seg_hidden.keys()) if llm_is_frozen(model) else frozenset()
 
 
-def epoch_items(hard, easy, args, round_, epoch, rank, world_size):
+def epoch_items(hard, easy, args, round_, epoch, rank, world_size, curriculum=None):
     """This rank's (frame index, view) items of one epoch. A hard frame stays on one rank for the
     whole round (its cached features live there); views, easy replay and order are drawn from a
-    generator seeded by (seed, round, epoch), so a resumed run redraws the same epoch."""
+    generator seeded by (seed, round, epoch), so a resumed run redraws the same epoch. With a
+    `curriculum` (common.data.AreaCurriculum over the round's hard frames) only the epoch's groups,
+    largest vessels first, replayed easy frames after them."""
     g = random.Random(f"{args.seed}-{round_}-{epoch}")
     items = [(i, g.randrange(VIEWS) if args.augment else 0) for i in hard]
     items += [(i, 0) for i in sorted(g.sample(easy, round(args.easy_ratio * len(easy))))]
     per_rank = math.ceil(len(items) / world_size)
     mine = items[rank::world_size] or items  # fewer items than ranks: borrow
+    if curriculum is not None:
+        # each rank keeps its own frames of the epoch's groups; the ranks pad to the largest share
+        frame = lambda item: item[0]  # noqa: E731
+        per_rank = max(len(curriculum.select(items[r::world_size] or items, epoch, frame)) for r in range(world_size))
+        mine = curriculum.select(mine, epoch, frame) or curriculum.select(items, epoch, frame)
+        mine = [mine[i % len(mine)] for i in range(per_rank)]
+        return curriculum.arrange(mine, epoch, g, frame)
     mine = [mine[i % len(mine)] for i in range(per_rank)]  # every rank the same count, padded with its own items
     g.shuffle(mine)
     return mine
@@ -262,10 +272,12 @@ def main(args):
             else None
         state["hard"] = mine("mining train", autocast)
     planned = len(state["hard"])  # the schedule follows the first round's size (later rounds' may differ)
-    n_easy = round(args.easy_ratio * (len(train_frames) - planned))
-    per_rank = math.ceil((planned + n_easy) / world_size)
-    steps_per_epoch = max(1, math.ceil(per_rank / args.batch_size) // args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs * args.iterations
+    easy = sorted(set(range(len(train_frames))) - set(state["hard"]))
+    n_easy = round(args.easy_ratio * len(easy))
+    curriculum = area_curriculum(train_frames, args, state["hard"])  # None unless --curriculum area: shorter epochs
+    total_steps = args.iterations * sum(max(1, math.ceil(len(epoch_items(
+        state["hard"], easy, args, 0, e, 0, world_size, curriculum)) / args.batch_size) // args.grad_accum)
+        for e in range(args.epochs))
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
@@ -314,9 +326,12 @@ def main(args):
             break
         hard_set = set(state["hard"])
         easy = [i for i in range(len(train_frames)) if i not in hard_set]
+        curriculum = area_curriculum(train_frames, args, state["hard"])  # None unless --curriculum area
+        if curriculum and state["epoch"] == 0:
+            logger.line(f"curriculum over the round's hard frames: {curriculum.describe()}")
         while state["epoch"] < args.epochs:
             epoch = state["round"] * args.epochs + state["epoch"]  # counted over all rounds
-            items = epoch_items(state["hard"], easy, args, state["round"], state["epoch"], rank, world_size)
+            items = epoch_items(state["hard"], easy, args, state["round"], state["epoch"], rank, world_size, curriculum)
             items = items[state["micro_in_epoch"] * args.batch_size:]
             train_mode(model)
             t_epoch = time.time()

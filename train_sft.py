@@ -19,8 +19,8 @@ import time
 import torch
 
 from common import cli
-from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits,
-                         describe_split)
+from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, area_curriculum,
+                         build_splits, describe_split)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import collapse_warning, validate
@@ -46,6 +46,7 @@ def parse_args(argv=None):
         help="show every training frame under a random flip / 90-degree rotation each epoch (small folders)")
     g.add_argument("--text_weight", type=float, default=1.0,
                    help="weight of the answer-token cross-entropy (0 = off; only matters when the LLM trains)")
+    cli.add_curriculum_args(p)
     return cli.parse(p, argv)
 
 
@@ -65,18 +66,20 @@ def main(args):
     if args.augment:
         train_set = AugmentedViews(train_set, args.seed)
     val_set = VesselDataset(val_frames, args.resize_masks)
-    sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
+    curriculum = area_curriculum(train_frames, args)  # None unless --curriculum area
+    sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed, curriculum=curriculum)
     loader_kw = dict(collate_fn=processor, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                      persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=EvalSampler(len(val_set), rank, world_size),
                                              **loader_kw)
-    micro_steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
-    steps_per_epoch = max(1, micro_steps_per_epoch // args.grad_accum)
-    total_steps = steps_per_epoch * args.epochs
+    # optimizer steps per epoch: a curriculum's early epochs train on fewer frames
+    total_steps = sum(max(1, math.ceil(sampler.per_rank_at(epoch) / args.batch_size) // args.grad_accum)
+                      for epoch in range(args.epochs))
     logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; "
                 f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
-                f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps")
+                f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps"
+                + (f"; curriculum: {curriculum.describe()}" if curriculum else ""))
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from common.data import DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
+from common.data import CURRICULA, DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
 from common.engine import RunError
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, llm_module, load_model
@@ -137,6 +137,19 @@ def add_lora_args(p, preset="medium"):
     return g
 
 
+def add_curriculum_args(p):
+    g = p.add_argument_group("curriculum")
+    g.add_argument("--curriculum", choices=CURRICULA, default="off",
+                   help="off: every epoch trains on all frames in random order. area: large vessels first (the "
+                        "methodology's PPO notes): the frames, ranked by vessel area in their masks, are cut into "
+                        "--curriculum_phases groups; the epochs train on growing subsets (the largest-vessel group, "
+                        "then the two largest, ...), the last epoch on all, each epoch group by group, shuffled "
+                        "within a group")
+    g.add_argument("--curriculum_phases", type=int, default=3,
+                   help="groups of --curriculum area: 3 = large, medium, thin vessels")
+    return g
+
+
 def pos_weight(value):
     """argparse type of --bce_pos_weight: `balanced` or a positive number (1 = plain BCE)."""
     if value == "balanced":
@@ -190,7 +203,7 @@ PROBABILITY = (lambda v: 0 < v < 1, "a probability in (0, 1)")
 ARG_RULES = {
     **dict.fromkeys(("batch_size", "epochs", "grad_accum", "log_every", "lora_rank", "lora_alpha", "group_size",
                      "rollout_batches", "ppo_epochs", "iterations", "min_cluster_len", "num_samples", "gif_ms",
-                     "clip_frames"), POSITIVE_INT),
+                     "clip_frames", "per_video", "curriculum_phases"), POSITIVE_INT),
     **dict.fromkeys(("max_train_samples", "max_val_samples", "num_workers", "save_every", "max_bad_steps",
                      "eval_every", "patience", "max_gap", "top", "max_pairs_per_image", "verify_frames", "overlays",
                      "panel"), COUNT),
@@ -199,9 +212,9 @@ ARG_RULES = {
     **dict.fromkeys(("threshold_hard", "max_dice"), POSITIVE),
     **dict.fromkeys(("weight_decay", "grad_clip", "feature_cache_gb", "dice_weight", "bce_weight", "text_weight",
                      "recall_weight", "topology_weight", "length_weight", "kl_coef", "entropy_coef", "vf_coef",
-                     "noise_sigma"), NON_NEGATIVE),
+                     "noise_sigma", "min_distance"), NON_NEGATIVE),
     **dict.fromkeys(("val_fraction", "val_pair_fraction", "warmup_ratio", "easy_ratio", "min_iou_gap",
-                     "max_mask_diff"), FRACTION),
+                     "max_mask_diff", "contrast_level"), FRACTION),
     "threshold": PROBABILITY,
     "thresholds": (_thresholds, "a comma list of probabilities in (0, 1)"),
     "recall_target": (lambda v: 0 < v <= 1, "a recall in (0, 1]"),

@@ -766,29 +766,108 @@ def build_splits(root, val_fraction=0.2, seed=0, max_train_samples=0, max_val_sa
 
 
 class ShardedSampler(torch.utils.data.Sampler):
-    """Training order: a seeded permutation per epoch, split over ranks.
+    """Training order: a seeded permutation per epoch, split over ranks; with a `curriculum`
+    (AreaCurriculum), that epoch's frames in its order instead.
 
     Padded by wrapping so every rank gets the same number of samples (each rank must run the
     same number of optimizer steps); `start` skips the samples a resumed run already saw."""
 
-    def __init__(self, size, rank=0, world_size=1, shuffle=True, seed=0):
+    def __init__(self, size, rank=0, world_size=1, shuffle=True, seed=0, curriculum=None):
         self.size, self.rank, self.world_size, self.shuffle, self.seed = size, rank, world_size, shuffle, seed
+        self.curriculum = curriculum
         self.epoch, self.start = 0, 0
         self.per_rank = math.ceil(size / world_size)
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
 
-    def __iter__(self):
+    def epoch_order(self, epoch):
+        """Every rank's samples of `epoch` before sharding (without padding)."""
+        if self.curriculum is not None:
+            return self.curriculum.arrange(range(self.size), epoch, random.Random(f"{self.seed}-{epoch}"))
         order = list(range(self.size))
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.size, generator=g).tolist()
-        order += padding(order, self.per_rank * self.world_size - self.size)
+        return order
+
+    def per_rank_at(self, epoch):
+        """Samples each rank gets in `epoch` (a curriculum's epochs differ in size)."""
+        if self.curriculum is None:
+            return self.per_rank
+        return math.ceil(len(self.epoch_order(epoch)) / self.world_size)
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        per_rank = math.ceil(len(order) / self.world_size)
+        order += padding(order, per_rank * self.world_size - len(order))
         return iter(order[self.rank::self.world_size][self.start:])
 
     def __len__(self):
-        return self.per_rank - self.start
+        return self.per_rank_at(self.epoch) - self.start
+
+
+CURRICULA = ("off", "area")
+
+
+def vessel_area(frame):
+    """Share of the frame's pixels that are vessel (its target as the folder check read it)."""
+    pixels = frame.vessel_pixels if frame.vessel_pixels is not None else int(frame_mask(frame).sum())
+    height, width = frame.shape or image_size(frame.mask_path or frame.image_path)
+    return pixels / (height * width)
+
+
+class AreaCurriculum:
+    """Large vessels first, then medium, then thin ones (the methodology's PPO notes).
+
+    The frames (`areas`: {index: vessel area}) are ranked by vessel area, largest first, and cut into
+    `phases` groups of equal count. The epochs are spread evenly over the phases: epoch e of
+    `epochs` trains on the first min(phases, e * phases // epochs + 1) groups (growing subsets),
+    and the last epoch on all of them. Within an epoch the groups come in order, largest vessels
+    first, each shuffled by the epoch's generator. Items whose index the curriculum does not rank
+    (e.g. replayed easy frames) are in every phase, after the ranked ones."""
+
+    def __init__(self, areas, phases, epochs):
+        ranked = sorted(areas, key=lambda i: (-areas[i], i))
+        self.group = {int(i): g for g, part in enumerate(np.array_split(np.asarray(ranked, dtype=int), phases))
+                      for i in part}
+        self.phases, self.epochs = phases, epochs
+
+    def phase(self, epoch):
+        """How many groups `epoch` trains on (1 ... phases)."""
+        if epoch >= self.epochs - 1:
+            return self.phases
+        return min(self.phases, epoch * self.phases // self.epochs + 1)
+
+    def select(self, items, epoch, index=int):
+        """The items of `epoch`'s groups, in their given order (index(item): the frame index)."""
+        phase = self.phase(epoch)
+        return [item for item in items if self.group.get(index(item), -1) < phase]
+
+    def arrange(self, items, epoch, rng, index=int):
+        """The items of `epoch`'s groups, group by group (largest vessels first, unranked items
+        last), shuffled within a group by `rng` (a random.Random)."""
+        chosen = self.select(items, epoch, index)
+        order = []
+        for g in list(range(self.phase(epoch))) + [-1]:
+            part = [item for item in chosen if self.group.get(index(item), -1) == g]
+            rng.shuffle(part)
+            order += part
+        return order
+
+    def describe(self):
+        """'3 phases: 6 / 11 / 16 frames' (the frames each phase trains on)."""
+        sizes = [sum(g < k for g in self.group.values()) for k in range(1, self.phases + 1)]
+        return f"{self.phases} phases over {self.epochs} epochs, largest vessels first: " + " / ".join(map(str, sizes)) \
+            + " frames"
+
+
+def area_curriculum(frames, args, indices=None):
+    """The AreaCurriculum of --curriculum area (None for off) over `indices` of `frames` (default all)."""
+    if getattr(args, "curriculum", "off") == "off":
+        return None
+    indices = range(len(frames)) if indices is None else indices
+    return AreaCurriculum({i: vessel_area(frames[i]) for i in indices}, args.curriculum_phases, args.epochs)
 
 
 def padding(order, count):

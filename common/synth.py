@@ -15,12 +15,17 @@ clusters that hard-sample mining should find; `synth_meta.json` records the
 per-frame contrast and the stretches, so tests and benchmarks know where they are.
 The mask is always the full vessel geometry: a faint vessel is still a vessel.
 
+`write_cines` (`--cine gif|tiff|dicom|mp4|avi`) writes whole injections instead, one cine file
+per video and no masks: frames without contrast before the bolus arrives and after it has washed
+out (`bolus_curve`), the input `python -m common.frames` samples training frames from.
+
 Image and mask come from one distance field: the mask is exactly
 distance-to-centerline < radius, the image darkens with the X-ray path length
 through that same cylinder. Everything is drawn from one seed; the same
 arguments give byte-identical files.
 
     python -m common.synth --out data/synth --videos 8 --frames 12 --size 128 --seed 0
+    python -m common.synth --out cines --videos 2 --frames 48 --cine dicom --bits 12
 """
 
 import argparse
@@ -28,6 +33,7 @@ import json
 import os
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -228,12 +234,25 @@ def _contrast_curve(rng, num_frames):
     return contrast, hard
 
 
-def make_video(rng: np.random.Generator, num_frames: int, size: int):
+def bolus_curve(num_frames, arrival=0.2, peak=0.35, washout=0.6, gone=0.8):
+    """Per-frame vessel contrast of one injection, as a whole cine run records it: 0 until
+    `arrival`, a smooth (half-cosine) wash-in to 1 at `peak`, 1 until `washout`, a smooth wash-out
+    to 0 at `gone`, 0 after; the four times are fractions of the run."""
+    t = np.arange(num_frames) / max(num_frames - 1, 1)
+    rise = np.clip((t - arrival) / (peak - arrival), 0, 1)
+    fall = np.clip((gone - t) / (gone - washout), 0, 1)
+    return 0.5 - 0.5 * np.cos(np.pi * np.minimum(rise, fall))
+
+
+def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=None, info=None):
     """One synthetic angiography video.
 
     Returns (images, masks, contrast): `num_frames` uint8 (size, size, 3) images, bool
     (size, size) masks and the per-frame vessel contrast (1 = normal, < HARD_CONTRAST =
     washed out). The mask is the full vessel geometry whatever the contrast.
+    `contrast`: the per-frame contrast to draw with (e.g. `bolus_curve`: frames before the
+    injection show no vessel) instead of the default wash-in with washed-out stretches.
+    `info`: a dict that gets the heartbeat period in frames (`period`), to check measurements against.
     """
     scale = size / BASE_SIZE
     for _ in range(20):
@@ -242,8 +261,13 @@ def make_video(rng: np.random.Generator, num_frames: int, size: int):
         if VESSEL_FRACTION[0] <= fraction <= VESSEL_FRACTION[1]:
             break
     motion = _motion(rng, size)
+    if info is not None:
+        info["period"] = float(motion["period"])
     background = _background(rng, size)
-    contrast, hard = _contrast_curve(rng, num_frames)
+    if contrast is None:
+        contrast, hard = _contrast_curve(rng, num_frames)
+    else:  # a given curve has no washed-out stretches to blur: its low frames are simply faint
+        contrast, hard = np.asarray(contrast, dtype=float), np.zeros(num_frames, bool)
     grain = rng.uniform(0.015, 0.025)
 
     images, masks = [], []
@@ -322,10 +346,10 @@ def _hard_stretches(contrast):
     return [[int(a), int(b) - 1] for a, b in zip(edges[::2], edges[1::2])]
 
 
-def _reuse_existing(out_dir, args):
-    meta_file = out_dir / "synth_meta.json"
+def _reuse_existing(out_dir, args, meta_name="synth_meta.json"):
+    meta_file = out_dir / meta_name
     if not meta_file.is_file():
-        raise FileExistsError(f"{out_dir} exists but has no synth_meta.json; "
+        raise FileExistsError(f"{out_dir} exists but has no {meta_name}; "
                               "it is not a finished synthetic dataset, remove it or pick another --out")
     found = json.loads(meta_file.read_text())["args"]
     if found != args:
@@ -403,6 +427,107 @@ def write_dataset(out_dir, num_videos=8, frames_per_video=12, size=128, seed=0, 
     return out_dir
 
 
+# ----------------------------------------------------------------------------- cine loops
+
+CINE_FORMATS = {"gif": ".gif", "tiff": ".tif", "dicom": ".dcm", "mp4": ".mp4", "avi": ".avi"}
+CINE_FRAME_MS = 80  # 12.5 frames/s, a usual cine rate of X-ray angiography (and whole GIF centiseconds)
+XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # DICOM X-Ray Angiographic Image Storage
+
+
+def widen(frames, bits):
+    """uint8 frames as `bits`-bit values: v * (2^bits - 1) / 255, rounded (uint16 above 8 bits). Scaling
+    back by the bit depth (common.data.to_8bit) returns the 8-bit values exactly: the rounding error,
+    at most 0.5 * 255 / (2^bits - 1) grey levels (0.03 for 12 bits), never reaches a rounding boundary."""
+    if bits == 8:
+        return np.asarray(frames, np.uint8)
+    top = 2 ** bits - 1
+    return np.rint(np.asarray(frames, np.float64) * top / 255).astype(np.uint16)
+
+
+def write_cine(path, frames, fmt, bits=8, frame_ms=CINE_FRAME_MS, window=None):
+    """Write grey uint8 frames (T, H, W) as one cine file: an animated GIF, a multi-page TIFF, a
+    multi-frame DICOM (X-ray angiography, MONOCHROME2, `window` = (centre, width) in stored values
+    when given; needs pydicom), or an MP4/AVI (MPEG-4 part 2; needs PyAV). `bits` > 8 (TIFF, DICOM)
+    stores `widen(frames, bits)`."""
+    frames = np.asarray(frames, np.uint8)
+    if bits != 8 and fmt not in ("tiff", "dicom"):
+        raise ValueError(f"{fmt} stores 8-bit frames, not {bits}-bit")
+    values = widen(frames, bits)
+    if fmt in ("gif", "tiff"):
+        pages = [Image.fromarray(v) for v in values]  # uint8 -> L, uint16 -> I;16
+        extra = dict(duration=frame_ms, loop=0, optimize=False) if fmt == "gif" else {}
+        pages[0].save(path, save_all=True, append_images=pages[1:], **extra)
+    elif fmt == "dicom":
+        _write_dicom(path, values, bits, frame_ms, window)
+    elif fmt in ("mp4", "avi"):
+        import av  # noqa: PLC0415 (optional: requirements-extras.txt)
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=Fraction(1000, frame_ms))
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            stream.bit_rate = 8_000_000  # ~20x a clinical export's: the grain survives (mean error ~2 grey levels)
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")))
+            container.mux(stream.encode())
+    else:
+        raise ValueError(f"fmt must be one of {', '.join(CINE_FORMATS)}, not {fmt!r}")
+
+
+def _write_dicom(path, values, bits, frame_ms, window):
+    import pydicom  # noqa: PLC0415 (optional: requirements-extras.txt)
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = XA_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])  # same file, same UID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = XA_SOP_CLASS, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "XA"
+    ds.PatientName = "Synthetic^Vessels"
+    ds.NumberOfFrames, ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    ds.FrameTime = f"{frame_ms:g}"
+    if window:
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    ds.PixelData = values.astype("<u2" if bits > 8 else np.uint8).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def write_cines(out_dir, num_videos=2, num_frames=48, size=128, seed=0, fmt="gif", bits=8):
+    """Synthetic cine runs, one file per video (`run00.gif`, ...): the vessel trees of make_video
+    beating as usual, under one injection each (`bolus_curve`: no contrast in the first fifth of the
+    run, wash-in, plateau, wash-out, none in the last fifth). `cine_meta.json` records each file's
+    contrast per frame and heartbeat period. Written to `<out_dir>.tmp` and renamed; an existing `out_dir` with the same
+    arguments is returned as is, with other arguments ValueError (as write_dataset)."""
+    if fmt not in CINE_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(CINE_FORMATS)}, not {fmt!r}")
+    out_dir = Path(out_dir)
+    args = {"version": SYNTH_VERSION, "num_videos": int(num_videos), "num_frames": int(num_frames),
+            "size": int(size), "seed": int(seed), "fmt": fmt, "bits": int(bits)}
+    if out_dir.exists():
+        return _reuse_existing(out_dir, args, "cine_meta.json")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+    tmp.mkdir(parents=True)
+    contrast = bolus_curve(num_frames)
+    videos = []
+    for v, rng in enumerate(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_videos)):
+        truth = {}
+        images, _, _ = make_video(rng, num_frames, size, contrast=contrast, info=truth)
+        name = f"run{v:02d}{CINE_FORMATS[fmt]}"
+        write_cine(tmp / name, np.stack([im[:, :, 0] for im in images]), fmt, bits)
+        videos.append({"file": name, "frame_ms": CINE_FRAME_MS, "heartbeat_period_frames": round(truth["period"], 4),
+                       "contrast": [round(float(c), 4) for c in contrast]})
+    (tmp / "cine_meta.json").write_text(json.dumps({"generator": "common.synth", "args": args, "videos": videos},
+                                                   indent=1))
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic angiography videos with vessel masks.")
     parser.add_argument("--out", required=True, help="output folder (must not exist, or hold the same dataset)")
@@ -412,11 +537,22 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     parser.add_argument("--format", choices=["masks", "annotations"], default="masks",
                         help="masks: masks/ PNGs (0/255); annotations: annotations.json polygons")
+    parser.add_argument("--cine", choices=list(CINE_FORMATS), default=None,
+                        help="instead of a data folder, write one cine file per video (no masks): a whole injection, "
+                             "frames without contrast before and after it (the input of python -m common.frames); "
+                             "dicom needs pydicom, mp4/avi PyAV (requirements-extras.txt)")
+    parser.add_argument("--bits", type=int, choices=[8, 10, 12, 14, 16], default=8,
+                        help="with --cine tiff or dicom: store the frames as this many bits (v * (2^bits - 1) / 255)")
     return parser.parse_args(argv)
 
 
 def main(args):
     start = time.time()
+    if args.cine:
+        out = write_cines(args.out, args.videos, args.frames, args.size, args.seed, args.cine, args.bits)
+        print(f"{out}: {args.videos} cine runs of {args.frames} frames of {args.size} px ({args.cine}, {args.bits} bit), "
+              f"seed {args.seed}, {time.time() - start:.2f} s")
+        return
     out = write_dataset(args.out, args.videos, args.frames, args.size, args.seed, args.format)
     meta = json.loads((out / "synth_meta.json").read_text())
     n_frames = sum(len(v["frames"]) for v in meta["videos"])
