@@ -313,7 +313,7 @@ def mean_pairwise_disagreement(masks):
     if m.shape[0] < 2:
         raise ValueError(f"disagreement needs at least 2 masks, got {m.shape[0]}")
     i, j = torch.triu_indices(m.shape[0], m.shape[0], 1)
-    return float((1.0 - overlap_metrics(m[i], m[j])["iou"].double()).mean())
+    return float((1.0 - overlap_metrics(m[i, None], m[j, None])["iou"].double()).mean())  # (pairs, 1, pixels)
 
 
 # ---------------------------------------------------------------------------
