@@ -51,7 +51,8 @@ from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_fr
 from common.engine import (all_gather_objects, cleanup, init_distributed, is_main, print0, publish_folder,
                            seed_everything, write_json)
 from common.evaluation import predict_probabilities
-from common.forward import SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator, sample_masks
+from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
+                            sample_masks)
 from common.lora import load_stage
 from common.pairs import PAIRS_FILE, load_pairs
 from common.rewards import RANK_BY, preference_scores
@@ -306,9 +307,9 @@ def main(args):
         gap_name = "iou" if args.rank_by == "iou" else "score"
         if gap_name == "score":
             print0(f"ranked by {args.rank_by}: mean score chosen {summary['mean_chosen_score']:.4f} rejected "
-                   f"{summary['mean_rejected_score']:.4f}; Betti-0 error chosen {summary['mean_chosen_betti0_error']:.2f} "
-                   f"rejected {summary['mean_rejected_betti0_error']:.2f}; {summary['pairs_chosen_lower_iou']} pair(s) "
-                   f"chose the mask of lower IoU")
+                   f"{summary['mean_rejected_score']:.4f}; Betti-0 error chosen "
+                   f"{summary['mean_chosen_betti0_error']:.2f} rejected {summary['mean_rejected_betti0_error']:.2f}; "
+                   f"{summary['pairs_chosen_lower_iou']} pair(s) chose the mask of lower IoU")
         print0(f"{gap_name}_gap quantiles: " + " ".join(f"q{k} {v:.3f}"
                                                        for k, v in summary[f"{gap_name}_gap_quantiles"].items()))
         print0(f"{gap_name}_gap histogram: " + " ".join(f"[{k}) {v}"

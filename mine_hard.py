@@ -7,8 +7,8 @@ disagree: --num_samples masks per frame drawn from its per-pixel distribution
 (1 - IoU) (common.rewards.mean_pairwise_disagreement); hard = the --hard_share most uncertain
 frames, or those at or above --disagreement_threshold. It needs no ground truth to rank and finds
 frames the model is unsure of even where its greedy mask happens to score well. --by both = the
-union of the two lists. Frames of one video are neighbours in time, so runs of consecutive hard frames
-("temporal hard clusters": a hard anatomy, a washed-out stretch, fast motion) are reported too.
+union of the two lists. Frames of one video are neighbours in time, so runs of consecutive hard
+frames ("temporal hard clusters": a hard anatomy, a washed-out stretch, fast motion) are reported too.
 Scoring runs the batched forward path (common/evaluation.score_loader) on any number of
 processes; rank 0 writes.
 

@@ -36,18 +36,12 @@ Advantages (`--advantage`):
          of the original notes is a critic that is a second copy of the model; this is not.)
          Works with --group_size 1. Needs data enough for the head to predict an image's reward;
          on the small synthetic set it did worse than the group baseline.
-Two options of the GRPO recipe Sa2VA's video-reasoning work uses (group 4, temperature 1.2), both
-off by default until measured (README, PPO):
-  --sft_coef C   adds C * (Dice + BCE) of the greedy full-size logits against the group's BEST
-                 sampled mask (highest reward, the first on ties; resized and thresholded as the
-                 reward saw it). Not against the ground truth: that would be plain SFT; the best
-                 sample is a target the policy can already reach.
-  --select_by_variance F   per rollout, only the ceil(F * N) images whose group rewards vary most
-                 enter the loss, never an image whose samples all score the same (zero advantage:
-                 it would add only KL / entropy). The others are forwarded but give no gradient,
-                 so every rank still takes the same steps. The share of such zero-variance images is
-                 logged always (train/zero_variance).
-Validation reports Dice, recall, precision and clDice (common.rewards.cldice) of the greedy mask.
+GRPO-recipe options (Sa2VA's video-reasoning GRPO: group 4, temperature 1.2), off until measured:
+--sft_coef C adds C * (Dice + BCE) of the greedy logits toward each group's best-reward SAMPLED mask
+(not the ground truth: the best sample is a target the policy already reaches); --select_by_variance F
+trains on the ceil(F * N) images of a rollout whose group rewards vary most, never on one whose
+samples all scored the same (zero advantage); dropped images are forwarded but give no gradient, so
+ranks step together. Validation reports Dice, recall, precision and clDice of the greedy mask.
 By default the LLM (and a LoRA loaded by --init) is frozen and only text_hidden_fcs + the mask
 decoder train, so with the FeatureCache a rollout and an update cost only these heads.
 
@@ -75,7 +69,7 @@ from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cle
 from common.evaluation import collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
-from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
+from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,
                            normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import REWARDS, cldice, make_reward
 from common.sa2va import Sa2VAProcessor, describe
@@ -235,7 +229,8 @@ def ppo_loss(model, ro, cache, args, autocast):
     with autocast():
         out = forward_batch(model, ro["batch"], cache)
     logits = out["low_res_logits"] / args.temperature
-    actions, logp_old, advantages, ref_logits = ro["actions"].float(), ro["logp_old"], ro["advantages"], ro["ref_logits"]
+    actions, logp_old, advantages = ro["actions"].float(), ro["logp_old"], ro["advantages"]
+    ref_logits = ro["ref_logits"]
     full, targets = None, ro["best_masks"]
     if args.sft_coef > 0:
         full = full_size_logits(model, out["low_res_logits"], ro["batch"]["image_sizes"])
@@ -276,8 +271,7 @@ def rollout_summary(rollout, args):
     values = {k: np.concatenate([ro["terms"][k] for ro in rollout]) for k in keys}
     out = {k: float(v.mean()) for k, v in values.items() if np.isfinite(v).all()}
     if args.group_size > 1:
-        rewards = torch.cat([ro["rewards"] for ro in rollout])
-        out["zero_variance"] = float((rewards == rewards[:, :1]).all(1).float().mean())
+        out["zero_variance"] = float(constant_groups(torch.cat([ro["rewards"] for ro in rollout])).float().mean())
     if "keep" in rollout[0]:
         out["kept"] = float(torch.cat([ro["keep"] for ro in rollout]).float().mean())
     return out

@@ -114,7 +114,8 @@ def dpo_metrics(chosen_rewards, rejected_rewards):
     return dict(accuracy=float((chosen_rewards > rejected_rewards).float().mean()),
                 margin=float(z.mean()),
                 chosen_rewards=float(chosen_rewards.mean()), rejected_rewards=float(rejected_rewards.mean()),
-                saturated=float(((p > SATURATED) | (p < 1 - SATURATED)).float().mean()), abs_margin=float(z.abs().mean()))
+                saturated=float(((p > SATURATED) | (p < 1 - SATURATED)).float().mean()),
+                abs_margin=float(z.abs().mean()))
 
 
 # ---------------------------------------------------------------- PPO on a per-pixel Bernoulli mask policy
@@ -169,6 +170,12 @@ def group_advantages(rewards, eps=1e-6):
     return centred / (rewards.std(1, unbiased=False, keepdim=True) + eps)
 
 
+def constant_groups(rewards):
+    """(B,) bool: the images whose G sampled masks all got exactly the same reward (rewards (B, G)). Their
+    group advantages are all 0. Tested by equality: a float variance of equal values need not be 0."""
+    return (rewards == rewards[:, :1]).all(1)
+
+
 def variance_selection(rewards, fraction):
     """Which images of a rollout to train on, by the spread of their group's rewards (the filter of
     DAPO's dynamic sampling, Yu et al. 2025, made a ranking): rewards (N, G) -> keep (N,) bool.
@@ -176,7 +183,7 @@ def variance_selection(rewards, fraction):
     an image whose samples all score exactly the same: its group advantages are all 0, so it would
     only add KL / entropy terms and dilute the batch. Ties in variance: the earlier image first."""
     rewards = rewards.float()
-    constant = (rewards == rewards[:, :1]).all(1)  # exact: a float variance of equal values may not be 0
+    constant = constant_groups(rewards)
     variance = rewards.var(1, unbiased=False).masked_fill(constant, -1.0)
     order = sorted(range(len(variance)), key=lambda i: (-float(variance[i]), i))
     keep = torch.zeros(len(variance), dtype=torch.bool, device=rewards.device)

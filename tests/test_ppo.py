@@ -321,3 +321,17 @@ def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
     assert {"val/reward", "val/dice", "val/recall", "val/precision", "val/cldice"} <= keys
     assert all(0 <= v["mean_cldice"] <= 1 for v in curve)
     assert all(0 <= h["train"]["zero_variance"] <= 1 and "cldice" in h["train"] for h in info["history"])
+
+
+def test_ppo_run_with_the_grpo_recipe_flags(synth_data, tmp_path):
+    """--sft_coef and --select_by_variance through train_ppo's own loop (tiny sizes: it runs, logs them)."""
+    args = train_ppo.parse_args(["--data", synth_data, "--output", str(tmp_path), "--epochs", "1",
+                                 "--max_train_samples", "8", "--max_val_samples", "4", "--batch_size", "4",
+                                 "--rollout_batches", "2", "--ppo_epochs", "1", "--group_size", "4",
+                                 "--temperature", "1.2", "--sft_coef", "0.1", "--select_by_variance", "0.5",
+                                 "--reward_type", "simple_dice", "--num_workers", "0", "--log_every", "1000"])
+    with open(os.path.join(train_ppo.main(args), "training_info.json")) as f:
+        info = json.load(f)
+    train = info["history"][-1]["train"]
+    assert 0 < train["kept"] <= 0.5 and train["sft_loss"] > 0 and 0 <= train["zero_variance"] <= 1
+    assert 0 <= info["history"][-1]["mean_cldice"] <= 1
