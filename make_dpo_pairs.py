@@ -156,6 +156,11 @@ def prediction_candidates(args, frames, rank, world_size):
 
 # ---------------------------------------------------------------- pairs
 
+def gap_name(rank_by):
+    """The gap pairs are kept by: IoU's, or that of the --rank_by score."""
+    return "iou" if rank_by == "iou" else "score"
+
+
 def select_pairs(args, frame, cands):
     """Pairs of one image: list of (chosen, rejected), each dict(tag, mask, path, score, iou, dice[, cldice,
     betti0_error]); candidates ranked by --rank_by, pairs kept when the score gap is >= --min_iou_gap."""
@@ -181,8 +186,7 @@ def select_pairs(args, frame, cands):
     if args.include_gt and args.mode != "gt":
         pairs.append((truth, ranked[0]))
     pairs = [(a, b) for a, b in pairs if a["score"] - b["score"] >= args.min_iou_gap - 1e-9]
-    gap_name = "iou" if args.rank_by == "iou" else "score"
-    return pairs, None if pairs else f"{gap_name} gap below --min_iou_gap"
+    return pairs, None if pairs else f"{gap_name(args.rank_by)} gap below --min_iou_gap"
 
 
 def packed(side):
@@ -239,7 +243,7 @@ def gap_summary(gaps, low):
 
 
 def summarize(args, records, reasons, num_images):
-    gap_name = "iou" if args.rank_by == "iou" else "score"
+    gap = gap_name(args.rank_by)
     summary = dict(mode=args.mode, rank_by=args.rank_by, images=num_images, pairs=len(records),
                    images_with_pairs=len({r["stem"] for r in records}), skipped=reasons,
                    chosen_tags={}, rejected_tags={}, args=vars(args))
@@ -249,11 +253,11 @@ def summarize(args, records, reasons, num_images):
             summary[f"{side}_tags"][tag] = summary[f"{side}_tags"].get(tag, 0) + 1
     if records:
         gaps = np.array([r["chosen"]["score"] - r["rejected"]["score"] for r in records])
-        summary[f"{gap_name}_gap_quantiles"], summary[f"{gap_name}_gap_histogram"] = gap_summary(gaps, args.min_iou_gap)
+        summary[f"{gap}_gap_quantiles"], summary[f"{gap}_gap_histogram"] = gap_summary(gaps, args.min_iou_gap)
         for side in ("chosen", "rejected"):
-            for k in ("iou", "score") + (SCORE_PARTS if gap_name == "score" else ()):
+            for k in ("iou", "score") + (SCORE_PARTS if gap == "score" else ()):
                 summary[f"mean_{side}_{k}"] = float(np.mean([r[side][k] for r in records]))
-        if gap_name == "score":  # how often the ranking disagrees with IoU (the chosen mask has the lower IoU)
+        if gap == "score":  # how often the ranking disagrees with IoU (the chosen mask has the lower IoU)
             iou_gaps = np.array([r["chosen"]["iou"] - r["rejected"]["iou"] for r in records])
             summary["iou_gap_quantiles"] = gap_summary(iou_gaps, args.min_iou_gap)[0]
             summary["pairs_chosen_lower_iou"] = int((iou_gaps < 0).sum())
@@ -304,16 +308,14 @@ def main(args):
                f"{os.path.join(args.output, PAIRS_FILE)}; skipped images: {reasons or 'none'}")
         print0(f"mean IoU chosen {summary['mean_chosen_iou']:.4f} rejected {summary['mean_rejected_iou']:.4f}; "
                f"chosen {summary['chosen_tags']} rejected {summary['rejected_tags']}")
-        gap_name = "iou" if args.rank_by == "iou" else "score"
-        if gap_name == "score":
+        gap = gap_name(args.rank_by)
+        if gap == "score":
             print0(f"ranked by {args.rank_by}: mean score chosen {summary['mean_chosen_score']:.4f} rejected "
                    f"{summary['mean_rejected_score']:.4f}; Betti-0 error chosen "
                    f"{summary['mean_chosen_betti0_error']:.2f} rejected {summary['mean_rejected_betti0_error']:.2f}; "
                    f"{summary['pairs_chosen_lower_iou']} pair(s) chose the mask of lower IoU")
-        print0(f"{gap_name}_gap quantiles: " + " ".join(f"q{k} {v:.3f}"
-                                                       for k, v in summary[f"{gap_name}_gap_quantiles"].items()))
-        print0(f"{gap_name}_gap histogram: " + " ".join(f"[{k}) {v}"
-                                                       for k, v in summary[f"{gap_name}_gap_histogram"].items()))
+        print0(f"{gap}_gap quantiles: " + " ".join(f"q{k} {v:.3f}" for k, v in summary[f"{gap}_gap_quantiles"].items()))
+        print0(f"{gap}_gap histogram: " + " ".join(f"[{k}) {v}" for k, v in summary[f"{gap}_gap_histogram"].items()))
     cleanup()
     return summary
 
