@@ -11,20 +11,20 @@ Three modes (`--mode`):
   (the methodology's stage 2).
 
 Stochastic decoding (generate): each sample thresholds the model's low-res mask logits plus
-logistic noise, `logits / T + L > 0`, at the mask decoder's own output grid (S/4, 256 px for
-SAM2), and the perturbed logits are then resized exactly as inference resizes logits. With
-L ~ Logistic(0, 1) every low-res pixel is a Bernoulli draw with p = sigmoid(logit / T): at
-T = 1 (--temperature) the samples come from the model's per-pixel distribution, the one whose
-log-likelihood DPO trains (`mask_log_likelihood`), so the pairs are on-policy. Why low-res: the
-decoder has no finer degrees of freedom; sampling at full size would invent speckle the model
-cannot express, and the bilinear resize of perturbed logits gives smooth, mask-like edges.
-Independent pixel noise averages out over a mask (every sample gets nearly the same IoU), so
-the noise is spatially correlated (--noise_sigma, low-res pixels): a Gaussian field smoothed
-with that sigma, mapped through the normal CDF and the logistic quantile (a Gaussian copula),
-which keeps each pixel's marginal exactly Bernoulli(sigmoid(logit / T)) while whole vessel
-segments appear or vanish together, the kind of error a real prediction makes. Thresholds or
-test-time flips were not used: they move every pixel the same way (a threshold pair only
-teaches calibration) or need extra forward passes.
+spatially correlated logistic noise at the mask decoder's own grid (common.forward.sample_masks,
+whose docstring says why): at T = 1 (--temperature) every low-res pixel is a Bernoulli draw from
+the model's own p = sigmoid(logit), the distribution whose log-likelihood DPO trains, so the
+pairs are on-policy; --noise_sigma makes whole vessel segments appear or vanish together.
+Thresholds or test-time flips were not used: they move every pixel the same way (a threshold
+pair only teaches calibration) or need extra forward passes.
+
+Ranking (--rank_by, common.rewards.preference_scores): by IoU to the ground truth (default), or
+by a topology-aware score: clDice, 0.5 Dice + 0.5 clDice, or 0.5 Dice + 0.5 topology, where
+topology adds connected-component (Betti-0) agreement, so a mask broken into more pieces than
+the ground truth ranks below one of equal overlap (ARIADNE, arXiv 2603.19169: DPO on Sa2VA with
+topology preference pairs). --min_iou_gap is the gap of that score. With a score other than IoU
+the chosen mask can have the lower IoU (iou_gap < 0): each entry then also holds rank_by,
+chosen_score, rejected_score, score_gap and each side's dice, cldice and betti0_error.
 
     python make_dpo_pairs.py --mode generate --data DATA --init runs/sft_x/best --output pairs
     python make_dpo_pairs.py --mode from_predictions --data DATA --predictions a=preds_a b=preds_b --output pairs
@@ -33,10 +33,10 @@ teaches calibration) or need extra forward passes.
 Writes --output (atomically: a temporary folder renamed when complete): dpo_annotations.json
 (paths relative to it; images and ground-truth masks are referenced where they are, never
 copied), masks/<image stem>__<tag>.png (the generated masks used by pairs; tag = greedy, s1..sN,
-pred, gt), summary.json (counts, IoU-gap quantiles and histogram, the arguments).
+pred, gt), summary.json (counts, gap quantiles and histogram of the ranking score, IoU-gap
+quantiles, the arguments).
 """
 import contextlib
-import math
 import os
 import tempfile
 
@@ -51,13 +51,15 @@ from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_fr
 from common.engine import (all_gather_objects, cleanup, init_distributed, is_main, print0, publish_folder,
                            seed_everything, write_json)
 from common.evaluation import predict_probabilities
-from common.forward import forward_batch, full_size_logits, move_batch
+from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
+                            sample_masks)
 from common.lora import load_stage
 from common.pairs import PAIRS_FILE, load_pairs
-from common.rewards import overlap_metrics
+from common.rewards import RANK_BY, preference_scores
 from common.sa2va import Sa2VAProcessor, describe, load_model
 
-GAP_BINS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # histogram edges of the printed IoU-gap distribution
+GAP_BINS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # histogram edges of the printed gap distribution
+SCORE_PARTS = ("dice", "cldice", "betti0_error")  # recorded per side when --rank_by is not iou
 
 
 def parse_args(argv=None):
@@ -70,8 +72,13 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     g.add_argument("--split", default="train", help="images to pair: train, val, test (splits.json) or all; DPO trains "
                                                     "on these, so keep validation images out")
-    g.add_argument("--min_iou_gap", type=float, default=0.05, help="keep pairs with chosen_iou - rejected_iou >= this "
-                                                                   "(> 0.1 recommended)")
+    g.add_argument("--rank_by", choices=RANK_BY, default="iou",
+                   help="score that ranks the candidates against the ground truth: iou; cldice; dice_cldice = 0.5 Dice "
+                        "+ 0.5 clDice; dice_topology = 0.5 Dice + 0.5 (clDice + connected-component agreement) / 2, "
+                        "which ranks a mask in more pieces than the ground truth below one of equal overlap")
+    g.add_argument("--min_iou_gap", "--min_gap", dest="min_iou_gap", type=float, default=0.05,
+                   help="keep pairs whose chosen score - rejected score (--rank_by; IoU by default) is >= this "
+                        "(> 0.1 recommended)")
     g.add_argument("--pairing", choices=("best_worst", "all"), default="best_worst",
                    help="per image: best vs worst candidate, or every candidate pair above the gap")
     g.add_argument("--max_pairs_per_image", type=int, default=0, help="with --pairing all: keep the N largest gaps (0 = all)")
@@ -82,8 +89,8 @@ def parse_args(argv=None):
     s.add_argument("--num_samples", type=int, default=5, help="stochastic predictions per image (plus the greedy one)")
     s.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid(logits / T); 1 = the model's own "
                                                                   "distribution, higher = more diverse")
-    s.add_argument("--noise_sigma", type=float, default=2.0, help="spatial correlation of the sampling noise, in "
-                                                                  "low-res pixels (0 = independent pixels)")
+    s.add_argument("--noise_sigma", type=float, default=SAMPLE_NOISE_SIGMA,
+                   help="spatial correlation of the sampling noise, in low-res pixels (0 = independent pixels)")
     f = p.add_argument_group("from_predictions / gt")
     f.add_argument("--predictions", nargs="+", default=[], help="NAME=DIR folders of binary mask PNGs named by image stem")
     f.add_argument("--max_dice", type=float, default=0.75, help="gt mode: pair only images the model scores below this")
@@ -91,27 +98,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- candidates
-
-def sample_masks(model, low_res, size, num_samples, temperature, sigma, generator):
-    """(num_samples, H, W) bool masks: threshold of logits / T + correlated logistic noise at the
-    low-res grid, resized as inference resizes logits (see the docstring)."""
-    shape = (num_samples, 1) + tuple(low_res.shape[-2:])
-    if sigma > 0:
-        radius = int(math.ceil(3 * sigma))
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-        k = k / k.norm()  # unit L2 norm: smoothed white noise keeps unit variance
-        z = torch.randn(shape[:2] + (shape[2] + 2 * radius, shape[3] + 2 * radius), generator=generator)
-        z = torch.nn.functional.conv2d(z, k.view(1, 1, -1, 1))  # 'valid' convolutions: no border effects
-        z = torch.nn.functional.conv2d(z, k.view(1, 1, 1, -1))
-        u = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # normal CDF: uniform marginals
-    else:
-        u = torch.rand(shape, generator=generator)
-    u = u.clamp(1e-7, 1 - 1e-7)
-    noise = torch.log(u) - torch.log1p(-u)  # logistic quantile: P(l / T + noise > 0) = sigmoid(l / T)
-    perturbed = low_res.float().expand(shape) / temperature + noise
-    return torch.stack(full_size_logits(model, perturbed, [size] * num_samples)) > 0
-
 
 def model_candidates(args, frames, rank, world_size, device):
     """{frame index: [(tag, bool mask)]} of this rank's shard: the greedy prediction, and in
@@ -139,10 +125,8 @@ def model_candidates(args, frames, rank, world_size, device):
             for i, index in enumerate(batch["index"].tolist()):
                 size = batch["image_sizes"][i]
                 greedy = full_size_logits(model, low_res[i:i + 1], [size])[0].sigmoid() > args.threshold
-                # seeded by image: the same pairs on any number of ranks
-                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
                 samples = sample_masks(model, low_res[i:i + 1], size, args.num_samples, args.temperature,
-                                       args.noise_sigma, generator)
+                                       args.noise_sigma, sample_generator(args.seed, index))
                 out[index] = [("greedy", greedy)] + [(f"s{k + 1}", m) for k, m in enumerate(samples)]
     return out
 
@@ -172,16 +156,23 @@ def prediction_candidates(args, frames, rank, world_size):
 
 # ---------------------------------------------------------------- pairs
 
+def gap_name(rank_by):
+    """The gap pairs are kept by: IoU's, or that of the --rank_by score."""
+    return "iou" if rank_by == "iou" else "score"
+
+
 def select_pairs(args, frame, cands):
-    """Pairs of one image: list of (chosen, rejected), each dict(tag, iou, mask, path)."""
+    """Pairs of one image: list of (chosen, rejected), each dict(tag, mask, path, score, iou, dice[, cldice,
+    betti0_error]); candidates ranked by --rank_by, pairs kept when the score gap is >= --min_iou_gap."""
     gt = torch.from_numpy(np.ascontiguousarray(frame_mask(frame)))
     if not cands:
         return [], "no candidate"
-    scores = overlap_metrics(torch.stack([c[1] for c in cands]), gt.expand(len(cands), *gt.shape))
+    scores = preference_scores(torch.stack([c[1] for c in cands]), gt.expand(len(cands), *gt.shape), args.rank_by)
+    # score and IoU rounded as written, so the file's gaps are exactly the differences of its values
     ranked = sorted(({"tag": c[0], "mask": c[1], "path": c[2] if len(c) > 2 else None,
-                      "iou": round(float(scores["iou"][j]), 6), "dice": float(scores["dice"][j])}
-                     for j, c in enumerate(cands)), key=lambda c: -c["iou"])
-    truth = dict(tag="gt", mask=gt, path=frame.mask_path, iou=1.0)
+                      **{k: round(float(v[j]), 6) if k in ("score", "iou") else float(v[j]) for k, v in scores.items()}}
+                     for j, c in enumerate(cands)), key=lambda c: -c["score"])
+    truth = dict(tag="gt", mask=gt, path=frame.mask_path, **{k: 0 if k == "betti0_error" else 1.0 for k in scores})
     if args.mode == "gt":
         if ranked[0]["dice"] >= args.max_dice:
             return [], "dice above --max_dice"
@@ -190,20 +181,21 @@ def select_pairs(args, frame, cands):
         pairs = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
     else:
         pairs = [(a, b) for j, a in enumerate(ranked) for b in ranked[j + 1:]]
-        pairs.sort(key=lambda p: p[1]["iou"] - p[0]["iou"])
+        pairs.sort(key=lambda p: p[1]["score"] - p[0]["score"])
         pairs = pairs[:args.max_pairs_per_image or None]
     if args.include_gt and args.mode != "gt":
         pairs.append((truth, ranked[0]))
-    pairs = [(a, b) for a, b in pairs if a["iou"] - b["iou"] >= args.min_iou_gap - 1e-9]
-    return pairs, None if pairs else "iou gap below --min_iou_gap"
+    pairs = [(a, b) for a, b in pairs if a["score"] - b["score"] >= args.min_iou_gap - 1e-9]
+    return pairs, None if pairs else f"{gap_name(args.rank_by)} gap below --min_iou_gap"
 
 
 def packed(side):
-    """A candidate ready to be sent to rank 0: its file if it has one, else its bit-packed mask."""
+    """A candidate ready to be sent to rank 0: its scores, and its file if it has one, else its bit-packed mask."""
+    out = {k: v for k, v in side.items() if k not in ("mask", "path")}
     if side["path"]:
-        return dict(tag=side["tag"], iou=side["iou"], path=side["path"])
+        return dict(out, path=side["path"])
     mask = side["mask"].numpy().astype(bool)
-    return dict(tag=side["tag"], iou=side["iou"], shape=mask.shape, bits=np.packbits(mask))
+    return dict(out, shape=mask.shape, bits=np.packbits(mask))
 
 
 def write_output(args, records, summary):
@@ -229,6 +221,11 @@ def write_output(args, records, summary):
                 entry[f"{side}_mask"] = name
         entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
                      iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
+        if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
+            entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"], rejected_score=r["rejected"]["score"],
+                         score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
+                         **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
+                            for side in ("chosen", "rejected") for k in SCORE_PARTS})
         entries.append(entry)
     write_json(os.path.join(tmp, PAIRS_FILE), entries)
     write_json(os.path.join(tmp, "summary.json"), summary)
@@ -237,23 +234,33 @@ def write_output(args, records, summary):
     return entries
 
 
+def gap_summary(gaps, low):
+    """Quantiles and a histogram (edges from `low` up GAP_BINS) of a list of gaps."""
+    quantiles = {q: float(np.quantile(gaps, float(q))) for q in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1")}
+    edges = (low,) + tuple(b for b in GAP_BINS if b > low)
+    counts, _ = np.histogram(gaps, bins=edges)
+    return quantiles, {f"{lo:g}-{hi:g}": int(c) for lo, hi, c in zip(edges, edges[1:], counts)}
+
+
 def summarize(args, records, reasons, num_images):
-    gaps = np.array([r["chosen"]["iou"] - r["rejected"]["iou"] for r in records])
-    summary = dict(mode=args.mode, images=num_images, pairs=len(records),
+    gap = gap_name(args.rank_by)
+    summary = dict(mode=args.mode, rank_by=args.rank_by, images=num_images, pairs=len(records),
                    images_with_pairs=len({r["stem"] for r in records}), skipped=reasons,
                    chosen_tags={}, rejected_tags={}, args=vars(args))
     for r in records:
         for side in ("chosen", "rejected"):
             tag = r[side]["tag"]
             summary[f"{side}_tags"][tag] = summary[f"{side}_tags"].get(tag, 0) + 1
-    if len(gaps):
-        summary["iou_gap_quantiles"] = {q: float(np.quantile(gaps, float(q))) for q in ("0", "0.1", "0.25", "0.5",
-                                                                                           "0.75", "0.9", "1")}
-        edges = (args.min_iou_gap,) + tuple(b for b in GAP_BINS if b > args.min_iou_gap)
-        counts, _ = np.histogram(gaps, bins=edges)
-        summary["iou_gap_histogram"] = {f"{lo:g}-{hi:g}": int(c) for lo, hi, c in zip(edges, edges[1:], counts)}
-        summary["mean_chosen_iou"] = float(np.mean([r["chosen"]["iou"] for r in records]))
-        summary["mean_rejected_iou"] = float(np.mean([r["rejected"]["iou"] for r in records]))
+    if records:
+        gaps = np.array([r["chosen"]["score"] - r["rejected"]["score"] for r in records])
+        summary[f"{gap}_gap_quantiles"], summary[f"{gap}_gap_histogram"] = gap_summary(gaps, args.min_iou_gap)
+        for side in ("chosen", "rejected"):
+            for k in ("iou", "score") + (SCORE_PARTS if gap == "score" else ()):
+                summary[f"mean_{side}_{k}"] = float(np.mean([r[side][k] for r in records]))
+        if gap == "score":  # how often the ranking disagrees with IoU (the chosen mask has the lower IoU)
+            iou_gaps = np.array([r["chosen"]["iou"] - r["rejected"]["iou"] for r in records])
+            summary["iou_gap_quantiles"] = gap_summary(iou_gaps, args.min_iou_gap)[0]
+            summary["pairs_chosen_lower_iou"] = int((iou_gaps < 0).sum())
     return summary
 
 
@@ -301,8 +308,14 @@ def main(args):
                f"{os.path.join(args.output, PAIRS_FILE)}; skipped images: {reasons or 'none'}")
         print0(f"mean IoU chosen {summary['mean_chosen_iou']:.4f} rejected {summary['mean_rejected_iou']:.4f}; "
                f"chosen {summary['chosen_tags']} rejected {summary['rejected_tags']}")
-        print0("iou_gap quantiles: " + " ".join(f"q{k} {v:.3f}" for k, v in summary["iou_gap_quantiles"].items()))
-        print0("iou_gap histogram: " + " ".join(f"[{k}) {v}" for k, v in summary["iou_gap_histogram"].items()))
+        gap = gap_name(args.rank_by)
+        if gap == "score":
+            print0(f"ranked by {args.rank_by}: mean score chosen {summary['mean_chosen_score']:.4f} rejected "
+                   f"{summary['mean_rejected_score']:.4f}; Betti-0 error chosen "
+                   f"{summary['mean_chosen_betti0_error']:.2f} rejected {summary['mean_rejected_betti0_error']:.2f}; "
+                   f"{summary['pairs_chosen_lower_iou']} pair(s) chose the mask of lower IoU")
+        print0(f"{gap}_gap quantiles: " + " ".join(f"q{k} {v:.3f}" for k, v in summary[f"{gap}_gap_quantiles"].items()))
+        print0(f"{gap}_gap histogram: " + " ".join(f"[{k}) {v}" for k, v in summary[f"{gap}_gap_histogram"].items()))
     cleanup()
     return summary
 

@@ -1,8 +1,14 @@
 """Score every sample of a split, list the hard ones (Dice < 0.75) and the temporal hard clusters.
 
 A frame is hard when the model's Dice on it is below --threshold_hard (0.75, the methodology's
-stage 3). Frames of one video are neighbours in time, so runs of consecutive hard frames
-("temporal hard clusters": a hard anatomy, a washed-out stretch, fast motion) are reported too.
+stage 3). --by disagreement ranks frames instead by how much the model's own sampled masks
+disagree: --num_samples masks per frame drawn from its per-pixel distribution
+(common.forward.sample_masks, the sampler of make_dpo_pairs.py), scored by their mean pairwise
+(1 - IoU) (common.rewards.mean_pairwise_disagreement); hard = the --hard_share most uncertain
+frames, or those at or above --disagreement_threshold. It needs no ground truth to rank and finds
+frames the model is unsure of even where its greedy mask happens to score well. --by both = the
+union of the two lists. Frames of one video are neighbours in time, so runs of consecutive hard
+frames ("temporal hard clusters": a hard anatomy, a washed-out stretch, fast motion) are reported too.
 Scoring runs the batched forward path (common/evaluation.score_loader) on any number of
 processes; rank 0 writes.
 
@@ -10,27 +16,35 @@ processes; rank 0 writes.
         --output runs/mine --plot
 
 Writes <output>/hard_samples.json (atomically): model, init, data, split, thresholds, Dice
-buckets, per-sample scores, the hard list (keys = file stems, hardest first) and the clusters;
+buckets, per-sample scores, the hard list (keys = file stems, hardest first: lowest Dice, or
+with --by disagreement highest disagreement) and the clusters; with --by disagreement or both
+also each sample's `disagreement` and `hard_by`, and the sampling settings (`disagreement`);
 with --plot, <output>/dice_plots/<video>.png (Dice over frame index, clusters shaded).
 Prints the bucket histogram, the hardest samples and the clusters.
 """
+import contextlib
 import os
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from common import cli
 from common.data import EvalSampler, VesselDataset, file_names, select_split
-from common.engine import cleanup, init_distributed, is_main, print0, seed_everything, write_json
+from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
 from common.evaluation import score_loader
+from common.forward import (SAMPLE_NOISE_SIGMA, FeatureCache, forward_batch, move_batch, sample_generator,
+                            sample_masks)
 from common.lora import load_stage
+from common.rewards import mean_pairwise_disagreement
 from common.sa2va import Sa2VAProcessor, describe, load_model
 
 HARD_THRESHOLD = 0.75  # the methodology's stage-3 definition of a hard sample
 HARD_FILE = "hard_samples.json"
 BUCKET_EDGES = (0.50, 0.65, 0.75)  # the buckets the methodology reports: < 0.50, 0.50-0.65, 0.65-0.75, >= 0.75
+HARD_SHARE = 0.2  # --by disagreement: share of frames that are hard (the methodology's Dice rule gave 20.8%)
 
 
 def parse_args(argv=None):
@@ -49,14 +63,29 @@ def parse_args(argv=None):
     g.add_argument("--output", default="mine", help="folder for hard_samples.json (and dice_plots/)")
     g.add_argument("--overwrite", action="store_true", help="replace the folder's hard_samples.json if it has one")
     g.add_argument("--plot", action="store_true", help="one PNG per video of Dice over frame index in dice_plots/")
+    g.add_argument("--by", choices=("dice", "disagreement", "both"), default="dice",
+                   help="hard = Dice below --threshold_hard; or the frames whose sampled masks disagree most; or both "
+                        "(the union)")
+    d = p.add_argument_group("disagreement (--by disagreement | both)")
+    d.add_argument("--hard_share", type=float, default=HARD_SHARE,
+                   help="share of the frames, most disagreeing first, that are hard (frames whose samples all agree "
+                        "never are)")
+    d.add_argument("--disagreement_threshold", type=float, default=None,
+                   help="instead of --hard_share: hard when the mean pairwise 1 - IoU of the samples is >= this")
+    d.add_argument("--num_samples", type=int, default=8, help="masks sampled per frame (>= 2)")
+    d.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid(logits / T); 1 = the model's own "
+                                                                  "distribution")
+    d.add_argument("--noise_sigma", type=float, default=SAMPLE_NOISE_SIGMA,
+                   help="spatial correlation of the sampling noise, in low-res pixels (0 = independent pixels)")
     return cli.parse(p, argv)
 
 
-def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0):
+def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0, hard_keys=None):
     """Temporal hard clusters: runs of hard frames (Dice < threshold) of one video.
 
     scores_by_video: {video: sequence} where each item is a Dice (frame = its position), a
-    (frame, dice) pair or a (frame, dice, key) triple. Frames are ordered by index, and
+    (frame, dice) pair or a (frame, dice, key) triple. With `hard_keys` (a set of keys) a frame is
+    hard when its key is in it, whatever its Dice (--by disagreement). Frames are ordered by index, and
     "consecutive" means neighbours among the frames present (data sampled every k-th frame
     still forms runs). Two hard frames with at most `max_gap` easy frames between them belong
     to one cluster; a cluster starts and ends with a hard frame and needs at least `min_len`
@@ -73,7 +102,7 @@ def find_clusters(scores_by_video, threshold, min_len=2, max_gap=0):
         frames = [r[0] for r in rows]
         if len(set(frames)) != len(frames):
             raise ValueError(f"video {video!r}: frame index {next(f for f in frames if frames.count(f) > 1)} twice")
-        hard = [pos for pos, r in enumerate(rows) if r[1] < threshold]
+        hard = [pos for pos, r in enumerate(rows) if (r[2] in hard_keys if hard_keys is not None else r[1] < threshold)]
         groups = []
         for pos in hard:
             if groups and pos - groups[-1][-1] - 1 <= max_gap:  # only easy frames lie between two hard ones
@@ -103,42 +132,102 @@ def dice_buckets(dices, edges=BUCKET_EDGES):
     return out
 
 
-def build_report(records, frames, args):
-    """The content of hard_samples.json from score_loader records (one threshold)."""
+@torch.no_grad()
+def disagreement_scores(model, loader, device, args, cache=None, autocast=None):
+    """{dataset index: mean pairwise (1 - IoU) of --num_samples masks sampled from the model} of every
+    frame, all ranks. Samples are seeded by frame (the same scores on any number of ranks)."""
+    out = {}
+    for batch in tqdm(loader, desc="sampling", leave=False, disable=not is_main()):
+        batch = move_batch(batch, device)
+        with autocast() if autocast else contextlib.nullcontext():
+            low_res = forward_batch(model, batch, cache)["low_res_logits"].float().cpu()
+        for i, index in enumerate(batch["index"].tolist()):
+            masks = sample_masks(model, low_res[i:i + 1], batch["image_sizes"][i], args.num_samples, args.temperature,
+                                 args.noise_sigma, sample_generator(args.seed, index))
+            out[index] = mean_pairwise_disagreement(masks)
+    return {k: v for part in all_gather_objects(out) for k, v in part.items()}
+
+
+def hard_by(scores, args):
+    """{key: reasons} of the hard frames, reasons a list of "dice" and/or "disagreement" (--by)."""
+    reasons = {}
+    if args.by in ("dice", "both"):
+        for s in scores:
+            if s["dice"] < args.threshold_hard:
+                reasons.setdefault(s["key"], []).append("dice")
+    if args.by in ("disagreement", "both"):
+        uncertain = sorted((s for s in scores if s["disagreement"] > 0), key=lambda s: -s["disagreement"])
+        if args.disagreement_threshold is not None:
+            uncertain = [s for s in uncertain if s["disagreement"] >= args.disagreement_threshold]
+        else:
+            uncertain = uncertain[:round(args.hard_share * len(scores))]
+        for s in uncertain:
+            reasons.setdefault(s["key"], []).append("disagreement")
+    return reasons
+
+
+def build_report(records, frames, args, disagreement=None):
+    """The content of hard_samples.json from score_loader records (one threshold) and, with --by
+    disagreement | both, disagreement_scores' {index: score}."""
     scores = []
     for r in records:
         f = frames[r["index"]]
         scores.append(dict(key=f.key, video=f.video, frame=f.frame, dice=r["dice"][0], iou=r["iou"][0],
                            recall=r["recall"][0], precision=r["precision"][0]))
+        if disagreement is not None:
+            scores[-1]["disagreement"] = disagreement[r["index"]]
     dices = [s["dice"] for s in scores]
-    hard = sorted((s for s in scores if s["dice"] < args.threshold_hard), key=lambda s: s["dice"])
+    reasons = hard_by(scores, args)
+    hardest = (lambda s: -s["disagreement"]) if args.by == "disagreement" else (lambda s: s["dice"])
+    hard = sorted((s for s in scores if s["key"] in reasons), key=hardest)
     by_video = {}
     for s in scores:
         by_video.setdefault(s["video"], []).append((s["frame"], s["dice"], s["key"]))
-    return dict(model=args.model, init=args.init, data=os.path.abspath(args.data), split=args.split,
-                probability_threshold=args.threshold, threshold_hard=args.threshold_hard,
-                min_cluster_len=args.min_cluster_len, max_gap=args.max_gap, prompt=args.prompt, answer=args.answer,
-                created=time.strftime("%Y-%m-%d %H:%M:%S"), samples=len(scores),
-                mean_dice=float(np.mean(dices)) if dices else None, hard_count=len(hard),
-                hard_share=len(hard) / len(scores) if scores else 0.0, buckets=dice_buckets(dices),
-                hard=[s["key"] for s in hard], clusters=find_clusters(by_video, args.threshold_hard,
-                                                                      args.min_cluster_len, args.max_gap),
-                scores=scores)
+    report = dict(model=args.model, init=args.init, data=os.path.abspath(args.data), split=args.split,
+                  probability_threshold=args.threshold, threshold_hard=args.threshold_hard,
+                  min_cluster_len=args.min_cluster_len, max_gap=args.max_gap, prompt=args.prompt, answer=args.answer,
+                  created=time.strftime("%Y-%m-%d %H:%M:%S"), samples=len(scores),
+                  mean_dice=float(np.mean(dices)) if dices else None, hard_count=len(hard),
+                  hard_share=len(hard) / len(scores) if scores else 0.0, buckets=dice_buckets(dices),
+                  hard=[s["key"] for s in hard], clusters=find_clusters(by_video, args.threshold_hard,
+                                                                        args.min_cluster_len, args.max_gap,
+                                                                        hard_keys=set(reasons)),
+                  scores=scores)
+    if args.by != "dice":  # the default report stays exactly what it was
+        for s in scores:
+            s["hard_by"] = reasons.get(s["key"], [])
+        report.update(by=args.by, disagreement=dict(
+            num_samples=args.num_samples, temperature=args.temperature, noise_sigma=args.noise_sigma,
+            hard_share=None if args.disagreement_threshold is not None else args.hard_share,
+            threshold=args.disagreement_threshold, mean=float(np.mean([s["disagreement"] for s in scores])),
+            hard_by_dice=sum("dice" in r for r in reasons.values()),
+            hard_by_disagreement=sum("disagreement" in r for r in reasons.values())))
+    return report
 
 
 def print_report(report, top=10):
     n = report["samples"]
+    d = report.get("disagreement")
+    rule = f"Dice < {report['threshold_hard']:g}"
+    if d:
+        rule = " or ".join(([rule] if report["by"] == "both" else []) + [
+            f"the top {100 * d['hard_share']:g}% by sample disagreement" if d["threshold"] is None else
+            f"sample disagreement >= {d['threshold']:g}"])
     print(f"{report['hard_count']} of {n} samples ({100 * report['hard_share']:.1f}%) are hard "
-          f"(Dice < {report['threshold_hard']:g}); mean Dice {report['mean_dice']:.4f}")
+          f"({rule}); mean Dice {report['mean_dice']:.4f}" + (f", mean disagreement {d['mean']:.4f} "
+                                                               f"({d['num_samples']} samples per frame)" if d else ""))
     print("Dice buckets:")
     for b in report["buckets"]:
         print(f"  {b['label']:>10} {b['count']:6d} {100 * b['share']:6.1f}%  " + "#" * round(40 * b["share"]))
     ranked = sorted(report["scores"], key=lambda s: s["dice"])[:top]
+    if d and report["by"] == "disagreement":
+        ranked = sorted(report["scores"], key=lambda s: -s["disagreement"])[:top]
     print(f"hardest {len(ranked)}:")
-    print(f"  {'key':<32} {'video':<20} {'frame':>6} {'dice':>7} {'recall':>7} {'precision':>9}")
+    print(f"  {'key':<32} {'video':<20} {'frame':>6} {'dice':>7} {'recall':>7} {'precision':>9}"
+          + (f" {'disagree':>8}" if d else ""))
     for s in ranked:
         print(f"  {s['key']:<32} {s['video']:<20} {s['frame']:6d} {s['dice']:7.4f} {s['recall']:7.4f} "
-              f"{s['precision']:9.4f}")
+              f"{s['precision']:9.4f}" + (f" {s['disagreement']:8.4f}" if d else ""))
     clusters = report["clusters"]
     single = len({s["video"] for s in report["scores"]}) == len(report["scores"])
     print(f"temporal hard clusters (>= {report['min_cluster_len']} hard frames, gaps <= {report['max_gap']}): "
@@ -199,6 +288,8 @@ def main(args):
     path = os.path.join(args.output, HARD_FILE)
     if os.path.exists(path) and not args.overwrite:
         raise SystemExit(f"{path} exists; pass --overwrite to replace it (or another --output)")
+    if args.by != "dice" and args.num_samples < 2:
+        raise SystemExit(f"--by {args.by} needs --num_samples >= 2 (disagreement is between samples)")
     rank, world_size, device = init_distributed(False)
     seed_everything(args.seed)
     frames = select_split(args, args.split)
@@ -212,8 +303,14 @@ def main(args):
                                          collate_fn=processor, num_workers=args.num_workers)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
     print0(f"mining {len(dataset)} frames of {args.data} ({args.split}) with {args.init or args.model}")
-    records = score_loader(model, loader, device, (args.threshold,), autocast=autocast, desc="mining")
-    report = build_report(records, frames, args)
+    cache, disagreement = None, None
+    if args.by != "dice":  # two passes: nothing trains, so the second reuses the frozen features of the first
+        model.requires_grad_(False)
+        cache = FeatureCache(device)
+    records = score_loader(model, loader, device, (args.threshold,), cache=cache, autocast=autocast, desc="mining")
+    if args.by != "dice":
+        disagreement = disagreement_scores(model, loader, device, args, cache, autocast)
+    report = build_report(records, frames, args, disagreement)
     if is_main():
         os.makedirs(args.output, exist_ok=True)
         write_json(path, report, overwrite=args.overwrite)  # a list another run wrote meanwhile is kept

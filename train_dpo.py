@@ -16,6 +16,11 @@ cheaper than a frozen copy: one head pass per pair in all instead of one per pai
 no second set of weights in memory, and --resume reuses the stored values instead of taking
 the resumed weights as reference. --reference_free drops the reference terms.
 
+Is beta in range? The log-likelihood is a per-pixel MEAN, so h is small (README, DPO: choosing
+beta). Every log line and training_info.json ("beta_check") give the share of pairs whose
+sigmoid(beta * h) is saturated (> 0.99 or < 0.01) and the mean |beta * h|; the last line of the
+run says which way beta is off, if it is.
+
 Held-out pairs (--val_pairs, or the pairs of --val_pair_fraction of the pairs' videos; pairs
 of the data's validation videos are never trained on) give preference accuracy and margin;
 the data's validation split gives Dice/recall/precision, the early-stopping metric.
@@ -50,6 +55,10 @@ from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "dpo"
 REFERENCE_FILE = "reference_logps.json"
+# The end-of-run beta check, from the last log window: mean |beta * h| below BETA_SMALL means the
+# loss never left its linear region (beta too small to let the reference bind); a saturated share
+# above BETA_LARGE means most pairs stopped giving a useful gradient (beta too large)
+BETA_SMALL, BETA_LARGE = 0.1, 0.5
 
 
 def parse_args(argv=None):
@@ -63,8 +72,9 @@ def parse_args(argv=None):
     g.add_argument("--val_pairs", default=None, help="held-out pairs file; default: the pairs of --val_pair_fraction "
                                                      "of the --pairs videos")
     g.add_argument("--val_pair_fraction", type=float, default=0.2, help="share of the pairs' VIDEOS held out")
-    g.add_argument("--min_iou_gap", type=float, default=None, help="refuse pair files with a smaller gap (default: "
-                                                                   "accept what the file holds)")
+    g.add_argument("--min_iou_gap", type=float, default=None, help="refuse pair files with a smaller gap (their "
+                                                                   "score_gap when ranked by --rank_by other than "
+                                                                   "iou; default: accept what the file holds)")
     g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (0.05 if unstable, 0.2 if slow)")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="assumed share of flipped preferences (cDPO)")
     g.add_argument("--reference_free", action="store_true", help="no reference terms: -log sigmoid(beta (logp_w - logp_l))")
@@ -110,6 +120,18 @@ def pair_metrics(logps, ref, args):
                                             args.label_smoothing, args.reference_free)
     return dict(dpo_loss=float(losses.mean()), **dpo_metrics(chosen_r, rejected_r),
                 logp_accuracy=float((logps[:, 0] > logps[:, 1]).float().mean()))
+
+
+def beta_check_line(check, beta):
+    """One log line on whether beta is in range, from the last log window's saturation numbers."""
+    if not check:
+        return "beta check: no log window"
+    last = check[-1]
+    verdict = ("too small? beta * h stayed near 0: the loss is linear in h and the reference never binds; raise beta "
+               "(README, DPO)" if last["abs_margin"] < BETA_SMALL else
+               "too large? most pairs are saturated; lower beta" if last["saturated"] > BETA_LARGE else "in range")
+    return (f"beta check (step {last['step']}): mean |beta * margin| {last['abs_margin']:.4f}, saturated pairs "
+            f"{last['saturated']:.3f}: beta {beta:g} {verdict}")
 
 
 def split_pairs(args, entries, val_frames):
@@ -192,9 +214,10 @@ def main(args):
 
     # ---- resume
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_step=None, history=[], bad_steps=0,
-                 since_best=0, stopped_early=False)
+                 since_best=0, stopped_early=False, beta_check=[])
     if args.resume:
         state = load_trainer_state(engine, run_dir, state, logger.line)
+        state.setdefault("beta_check", [])  # a resume point written before the beta check existed
 
     def meta(metrics):
         return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init,
@@ -245,9 +268,12 @@ def main(args):
                 continue
             state["step"] += 1
             if state["step"] % args.log_every == 0 or state["step"] == total_steps:
-                log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs} step {state['step']}/"
-                                 f"{total_steps}", window, time.time() - t_window, len(window) // args.grad_accum,
-                                 len(window) * args.batch_size * world_size, engine.get_lr()[0])
+                avg = log_train_window(logger, state["step"], f"epoch {epoch + 1}/{args.epochs} step {state['step']}/"
+                                       f"{total_steps}", window, time.time() - t_window,
+                                       len(window) // args.grad_accum, len(window) * args.batch_size * world_size,
+                                       engine.get_lr()[0])
+                state["beta_check"].append(dict(step=state["step"], saturated=avg["saturated"],
+                                                abs_margin=avg["abs_margin"]))
                 window, t_window = [], time.time()
             if args.save_every and state["step"] % args.save_every == 0:
                 save_trainer_state(engine, run_dir, state)
@@ -273,12 +299,14 @@ def main(args):
             stage=STAGE, args=vars(args), initial_val=state["initial"], history=state["history"], final=final,
             best_step=state["best_step"], best_val_dice=state["best_dice"], stopped_early=state["stopped_early"],
             bad_steps=state["bad_steps"], pairs=dict(train=len(train_set), held_out=len(held_set)),
+            beta_check=state["beta_check"],
             wall_time_s=time.time() - t_start, world_size=world_size, versions=versions(),
             checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
     logger.line(f"done: val dice {state['initial']['mean_dice']:.4f} -> {final['mean_dice']:.4f} (best "
                 f"{state['best_dice']:.4f} at step {state['best_step']}); held-out pair accuracy "
                 f"{state['initial'].get('held_accuracy', float('nan')):.3f} -> {final.get('held_accuracy', float('nan')):.3f}"
                 f"; outputs in {run_dir}")
+    logger.line(beta_check_line(state["beta_check"], args.beta))
     logger.close()
     cleanup()
     return run_dir

@@ -36,6 +36,12 @@ Advantages (`--advantage`):
          of the original notes is a critic that is a second copy of the model; this is not.)
          Works with --group_size 1. Needs data enough for the head to predict an image's reward;
          on the small synthetic set it did worse than the group baseline.
+GRPO-recipe options (Sa2VA's video-reasoning GRPO: group 4, temperature 1.2), off until measured:
+--sft_coef C adds C * (Dice + BCE) of the greedy logits toward each group's best-reward SAMPLED mask
+(not the ground truth: the best sample is a target the policy already reaches); --select_by_variance F
+trains on the ceil(F * N) images of a rollout whose group rewards vary most, never on one whose
+samples all scored the same (zero advantage); dropped images are forwarded but give no gradient, so
+ranks step together. Validation reports Dice, recall, precision and clDice of the greedy mask.
 By default the LLM (and a LoRA loaded by --init) is frozen and only text_hidden_fcs + the mask
 decoder train, so with the FeatureCache a rollout and an update cost only these heads.
 
@@ -61,11 +67,11 @@ from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cle
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
                            save_trainer_state, start_run, versions, write_json)
 from common.evaluation import collapse_warning, score_loader, summarize
-from common.forward import FeatureCache, forward_batch, move_batch, upsample_logits
+from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
-from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
-                           normalized_advantages, ppo_clip_loss)
-from common.rewards import REWARDS, make_reward
+from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,
+                           normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
+from common.rewards import REWARDS, cldice, make_reward
 from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "ppo"
@@ -97,6 +103,13 @@ def parse_args(argv=None):
                    help="group: reward minus the image's group mean, / group std; critic: reward minus a value head")
     g.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's value loss")
     g.add_argument("--critic_lr", type=float, default=1e-3, help="learning rate of the (freshly initialised) critic")
+    g.add_argument("--sft_coef", type=float, default=0.0,
+                   help="weight of a supervised Dice + BCE term on the greedy logits against the group's best-reward "
+                        "SAMPLED mask (not the ground truth); 0 = off")
+    g.add_argument("--select_by_variance", type=float, default=0.0,
+                   help="train only on this share of each rollout's images, those with the highest group reward "
+                        "variance; images whose samples all score the same are dropped whenever it is > 0 (1 = drop "
+                        "only those); 0 = off. Needs --group_size >= 2")
     r = p.add_argument_group("reward")
     r.add_argument("--reward_type", choices=tuple(REWARDS), default="multi_objective",
                    help="multi_objective: 0.5 dice + 0.2 recall bonus + 0.2 topology + 0.1 length; simple_dice; "
@@ -125,6 +138,8 @@ def build_reward(args):
 def check_args(args, deepspeed_on):
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit("--advantage group needs --group_size >= 2 (or use --advantage critic)")
+    if args.select_by_variance > 0 and args.group_size < 2:
+        raise SystemExit("--select_by_variance needs --group_size >= 2 (a reward variance per image)")
     if deepspeed_on and args.zero_stage == 3:
         raise SystemExit("train_ppo.py swaps the reference weights into whole parameters: use --zero_stage 0-2")
 
@@ -161,7 +176,8 @@ def collect_rollout(model, batch, cache, reward_fn, args, policy_params, referen
     """Sample --group_size masks per image from the current policy and score them.
 
     Returns dict(batch, actions (B, G, h, w) bool, logp_old (B, G), ref_logits (B, 1, h, w) at the
-    temperature, rewards (B, G), values (B,) or None, terms: reward terms as (B*G,) numpy arrays)."""
+    temperature, rewards (B, G), values (B,) or None, terms: reward terms as (B*G,) numpy arrays,
+    best_masks: with --sft_coef, per image the (H, W) bool mask of its best-reward sample, else None)."""
     masks = batch["masks"]
     with autocast():
         out = forward_batch(model, batch, cache)
@@ -173,16 +189,18 @@ def collect_rollout(model, batch, cache, reward_fn, args, policy_params, referen
     actions = torch.bernoulli(probs, generator=generator)
     logp_old = mask_log_likelihood(logits.expand_as(actions), actions)
     sam_size = model.grounding_encoder.sam2_model.image_size
-    terms = []
+    terms, best_masks = [], [] if args.sft_coef > 0 else None
     for i, gt in enumerate(masks):
         # the 0/1 action resized as inference resizes logits, > 0.5: what a user would get from it
         pred = upsample_logits(actions[i][:, None], gt.shape, sam_size) > 0.5
         terms.append(reward_fn(pred.cpu(), gt.cpu().bool().expand(args.group_size, *gt.shape)))
+        if best_masks is not None:
+            best_masks.append(pred[int(np.argmax(terms[-1]["reward"]))].cpu())  # argmax: the first on ties
     terms = {k: np.concatenate([t[k] for t in terms]) for k in terms[0]}
     values = getattr(model, CRITIC)(out["seg_embeds"], out["image_features"]) if args.advantage == "critic" else None
     rewards = torch.tensor(terms["reward"], dtype=torch.float32, device=logits.device).view(b, args.group_size)
     return dict(batch=batch, actions=actions.bool(), logp_old=logp_old, ref_logits=ref_logits / args.temperature,
-                rewards=rewards, values=values, terms=terms)
+                rewards=rewards, values=values, terms=terms, best_masks=best_masks)
 
 
 def set_advantages(rollout, args):
@@ -197,19 +215,46 @@ def set_advantages(rollout, args):
         ro["advantages"] = a.view_as(ro["rewards"])
 
 
+def select_images(rollout, args):
+    """--select_by_variance: ro["keep"] (B,) bool per batch, chosen over the whole rollout's images."""
+    keep = variance_selection(torch.cat([ro["rewards"] for ro in rollout]), args.select_by_variance)
+    for ro, k in zip(rollout, keep.split([len(ro["rewards"]) for ro in rollout])):
+        ro["keep"] = k
+
+
 def ppo_loss(model, ro, cache, args, autocast):
-    """The PPO loss of one minibatch, recomputing the policy with grad; returns (loss, stats of floats)."""
+    """The PPO loss of one minibatch, recomputing the policy with grad; returns (loss, stats of floats).
+    With ro["keep"] (--select_by_variance) only the kept images' samples enter the policy terms; a
+    minibatch with none left gives a zero loss that still reaches backward (ranks step in lockstep)."""
     with autocast():
         out = forward_batch(model, ro["batch"], cache)
     logits = out["low_res_logits"] / args.temperature
-    actions = ro["actions"].float()
-    logp = mask_log_likelihood(logits.expand_as(actions), actions)
-    pg = ppo_clip_loss(logp.flatten(), ro["logp_old"].flatten(), ro["advantages"].flatten(), args.clip)
-    kl = bernoulli_kl(logits, ro["ref_logits"]).mean()
-    entropy = bernoulli_entropy(logits).mean()
-    loss = pg["loss"] + args.kl_coef * kl - args.entropy_coef * entropy
-    stats = dict(pg_loss=pg["loss"].item(), kl=kl.item(), entropy=entropy.item(),
-                 clip_fraction=float(pg["clip_fraction"]), ratio=float(pg["ratio"].mean()))
+    actions, logp_old, advantages = ro["actions"].float(), ro["logp_old"], ro["advantages"]
+    ref_logits = ro["ref_logits"]
+    full, targets = None, ro["best_masks"]
+    if args.sft_coef > 0:
+        full = full_size_logits(model, out["low_res_logits"], ro["batch"]["image_sizes"])
+    keep = ro.get("keep")
+    if keep is not None:
+        logits, actions, logp_old, advantages, ref_logits = (x[keep] for x in (logits, actions, logp_old, advantages,
+                                                                                ref_logits))
+        if full is not None:
+            full, targets = ([x for x, k in zip(xs, keep.tolist()) if k] for xs in (full, targets))
+    if len(logits):
+        logp = mask_log_likelihood(logits.expand_as(actions), actions)
+        pg = ppo_clip_loss(logp.flatten(), logp_old.flatten(), advantages.flatten(), args.clip)
+        kl = bernoulli_kl(logits, ref_logits).mean()
+        entropy = bernoulli_entropy(logits).mean()
+        loss = pg["loss"] + args.kl_coef * kl - args.entropy_coef * entropy
+        stats = dict(pg_loss=pg["loss"].item(), kl=kl.item(), entropy=entropy.item(),
+                     clip_fraction=float(pg["clip_fraction"]), ratio=float(pg["ratio"].mean()))
+        if full is not None:
+            # the greedy logits (not tempered) toward the best sample, as SFT trains toward a mask
+            sft = segmentation_loss(full, [t.to(full[0].device).float() for t in targets])
+            loss = loss + args.sft_coef * sft["loss"]
+            stats.update(sft_loss=sft["loss"].item(), sft_dice_loss=float(sft["dice_loss"]), sft_bce=float(sft["bce"]))
+    else:
+        loss, stats = out["low_res_logits"].sum() * 0.0, {}
     if args.advantage == "critic":
         values = getattr(model, CRITIC)(out["seg_embeds"], out["image_features"])
         value_loss = ((values[:, None] - ro["rewards"]) ** 2).mean()
@@ -219,23 +264,30 @@ def ppo_loss(model, ro, cache, args, autocast):
     return loss, stats
 
 
-def rollout_summary(rollout):
-    """Mean reward terms of a rollout's sampled masks (terms skipped by the reward, NaN, left out)."""
-    keys = ("reward", "dice", "recall", "precision", "topology", "length")
+def rollout_summary(rollout, args):
+    """Mean reward terms of a rollout's sampled masks (terms skipped by the reward, NaN, left out); the share of
+    images whose samples all scored the same (zero_variance) and, with --select_by_variance, the share kept."""
+    keys = ("reward", "dice", "recall", "precision", "cldice", "topology", "length")
     values = {k: np.concatenate([ro["terms"][k] for ro in rollout]) for k in keys}
-    return {k: float(v.mean()) for k, v in values.items() if np.isfinite(v).all()}
+    out = {k: float(v.mean()) for k, v in values.items() if np.isfinite(v).all()}
+    if args.group_size > 1:
+        out["zero_variance"] = float(constant_groups(torch.cat([ro["rewards"] for ro in rollout])).float().mean())
+    if "keep" in rollout[0]:
+        out["kept"] = float(torch.cat([ro["keep"] for ro in rollout]).float().mean())
+    return out
 
 
 def validate_with_reward(model, loader, val_masks, device, args, cache, autocast, reward_fn):
-    """validate()'s metrics of the greedy mask at --threshold, plus its mean reward (base weights)."""
+    """validate()'s metrics of the greedy mask at --threshold, plus its mean reward (base weights) and clDice."""
     records, probs = score_loader(model, loader, device, (args.threshold,), cache, autocast, "validating",
                                   keep_probs=True)
     val = summarize(records, (args.threshold,))[float(args.threshold)]
     # running_recall=1 disables the dynamic recall switch, so val rewards of all epochs compare
-    local = [float(reward_fn(p[None] > args.threshold, val_masks[k][None], running_recall=1.0)["reward"][0])
-             for k, p in probs.items()]
-    rewards = [r for part in all_gather_objects(local) for r in part]
-    val["mean_reward"] = float(np.mean(rewards)) if rewards else float("nan")
+    local = [(float(reward_fn(p[None] > args.threshold, val_masks[k][None], running_recall=1.0)["reward"][0]),
+              cldice(p > args.threshold, val_masks[k])) for k, p in probs.items()]
+    scores = [r for part in all_gather_objects(local) for r in part]
+    for i, name in enumerate(("mean_reward", "mean_cldice")):
+        val[name] = float(np.mean([r[i] for r in scores])) if scores else float("nan")
     return val
 
 
@@ -308,7 +360,8 @@ def main(args):
 
     def val_line(name, val):
         return (f"{name}: reward {val['mean_reward']:.4f} dice {val['mean_dice']:.4f} recall "
-                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f} {collapse_warning(val)}")
+                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f} cldice {val['mean_cldice']:.4f} "
+                f"{collapse_warning(val)}")
 
     def keep_if_best(epoch, val):
         """best/ = the model with the best validation --best_by (mean Dice or reward), the starting one
@@ -338,7 +391,9 @@ def main(args):
             if not rollout:
                 break
             set_advantages(rollout, args)
-            summary = rollout_summary(rollout)
+            if args.select_by_variance > 0:
+                select_images(rollout, args)
+            summary = rollout_summary(rollout, args)
             # every rank must use the same reward weights: the dynamic switch reads the recall of all ranks
             n_masks = sum(ro["rewards"].numel() for ro in rollout)
             images_in_window += sum(len(ro["rewards"]) for ro in rollout) * world_size
@@ -354,7 +409,9 @@ def main(args):
                         steps_in_window += 1
                     updates.append(stats)
             state["micro_in_epoch"] += len(rollout)
-            record = summary | {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+            # a minibatch whose images were all dropped (--select_by_variance) has no policy terms
+            record = summary | {k: float(np.mean([u[k] for u in updates if k in u])) for k in
+                                dict.fromkeys(k for u in updates for k in u)}
             window.append(record)
             state["epoch_rollouts"].append(record)
             if state["step"] - last_logged >= args.log_every:

@@ -19,11 +19,15 @@ and the [SEG] state is read pre- or post-norm as the checkpoint records (`common
 The last two resizes are the released inference's (`propagate_in_video` returns S x S,
 `predict_forward` resizes to the frame), so a threshold on our logits gives its mask.
 
+`sample_masks` draws binary masks from the model's own per-pixel distribution (DPO pairs from
+on-policy samples, and hard mining by how much the samples disagree).
+
 Frozen work is cached: the SAM2 image encoder never trains, and when the LLM side is
 frozen (stages 2 and 3 train only `text_hidden_fcs` + the mask decoder) the [SEG] hidden
 state of a sample is a constant too (`FeatureCache`).
 """
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +255,52 @@ def full_size_logits(model, low_res, image_sizes):
     if len({tuple(s) for s in image_sizes}) == 1:  # one resize for the batch (the usual case: equal frames)
         return list(upsample_logits(low_res, image_sizes[0], sam_size))
     return [upsample_logits(low_res[i:i + 1], size, sam_size)[0] for i, size in enumerate(image_sizes)]
+
+
+# ---------------------------------------------------------------- sampling masks from the model
+
+SAMPLE_NOISE_SIGMA = 2.0  # spatial correlation of the sampling noise, in low-res pixels (see sample_masks)
+
+
+def sample_masks(model, low_res, size, num_samples, temperature=1.0, sigma=SAMPLE_NOISE_SIGMA, generator=None):
+    """(num_samples, H, W) bool masks drawn from the model's per-pixel distribution of one image.
+
+    low_res: (1, 1, h, w) logits of the mask decoder; size: (H, W) of the frame. Each sample
+    thresholds logits / T + logistic noise, `low_res / T + L > 0`, at the decoder's own grid, and
+    the perturbed logits are then resized exactly as inference resizes logits. With L ~
+    Logistic(0, 1) every low-res pixel is a Bernoulli draw with p = sigmoid(logit / T): at T = 1
+    the samples come from the distribution whose log-likelihood DPO trains
+    (`losses.mask_log_likelihood`), i.e. they are on-policy. Why low-res: the decoder has no finer
+    degrees of freedom; sampling at full size would invent speckle the model cannot express, and
+    the bilinear resize of perturbed logits gives smooth, mask-like edges.
+    Independent pixel noise averages out over a mask (every sample would get nearly the same
+    IoU), so the noise is spatially correlated (`sigma`, low-res pixels): a Gaussian field
+    smoothed with that sigma, mapped through the normal CDF and the logistic quantile (a Gaussian
+    copula), which keeps each pixel's marginal exactly Bernoulli(sigmoid(logit / T)) while whole
+    vessel segments appear or vanish together, the kind of error a real prediction makes. The
+    noise is clamped to +-16.1 (u in [1e-7, 1 - 1e-7]), so a pixel with |logit / T| > 16.2 never flips."""
+    shape = (num_samples, 1) + tuple(low_res.shape[-2:])
+    if sigma > 0:
+        radius = int(math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        k = k / k.norm()  # unit L2 norm: smoothed white noise keeps unit variance
+        z = torch.randn(shape[:2] + (shape[2] + 2 * radius, shape[3] + 2 * radius), generator=generator)
+        z = F.conv2d(z, k.view(1, 1, -1, 1))  # 'valid' convolutions: no border effects
+        z = F.conv2d(z, k.view(1, 1, 1, -1))
+        u = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # normal CDF: uniform marginals
+    else:
+        u = torch.rand(shape, generator=generator)
+    u = u.clamp(1e-7, 1 - 1e-7)
+    noise = torch.log(u) - torch.log1p(-u)  # logistic quantile: P(l / T + noise > 0) = sigmoid(l / T)
+    perturbed = low_res.float().cpu().expand(shape) / temperature + noise
+    return torch.stack(full_size_logits(model, perturbed, [size] * num_samples)) > 0
+
+
+def sample_generator(seed, index):
+    """The generator of sample_masks for one image, seeded by the run's seed and the image's index
+    in its dataset: the same samples on any number of ranks and in any batch order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 def move_batch(batch, device):

@@ -4,6 +4,8 @@ Masks are compared at each sample's original size: the logits are resized exactl
 released inference resizes them (`forward.full_size_logits`), so the loss looks at the
 pixels the evaluation scores, thin vessels included.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -93,15 +95,27 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
     return losses, chosen_rewards, rejected_rewards
 
 
+SATURATED = 0.99  # sigmoid(beta h) above this (or below 1 - this): the pair's DPO loss is saturated
+
+
 def dpo_metrics(chosen_rewards, rejected_rewards):
     """The numbers to log beside the DPO loss, as batch means (floats):
     accuracy = share of pairs with chosen_reward > rejected_reward (a tie, as at step 0 with a
     reference, does not count; healthy 0.7-0.9), margin = mean(chosen - rejected reward),
-    chosen_rewards, rejected_rewards = their means."""
+    chosen_rewards, rejected_rewards = their means; and whether beta is in range, from
+    z = chosen_reward - rejected_reward = beta * h (dpo_loss):
+    saturated = share of pairs with sigmoid(z) > SATURATED or < 1 - SATURATED (|z| > 4.6: the pair
+    gives almost no gradient, or a constant one), abs_margin = mean |z|. Both near 0 all the way
+    through a run: beta * h stays ~0, the loss is linear in h and the reference never binds (beta
+    too small for the per-pixel MEAN log-likelihood); most pairs saturated early: beta too large."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    z = chosen_rewards - rejected_rewards
+    p = z.sigmoid()
     return dict(accuracy=float((chosen_rewards > rejected_rewards).float().mean()),
-                margin=float((chosen_rewards - rejected_rewards).mean()),
-                chosen_rewards=float(chosen_rewards.mean()), rejected_rewards=float(rejected_rewards.mean()))
+                margin=float(z.mean()),
+                chosen_rewards=float(chosen_rewards.mean()), rejected_rewards=float(rejected_rewards.mean()),
+                saturated=float(((p > SATURATED) | (p < 1 - SATURATED)).float().mean()),
+                abs_margin=float(z.abs().mean()))
 
 
 # ---------------------------------------------------------------- PPO on a per-pixel Bernoulli mask policy
@@ -154,6 +168,27 @@ def group_advantages(rewards, eps=1e-6):
         raise ValueError(f"group advantages need rewards of shape (images, samples >= 2), got {tuple(rewards.shape)}")
     centred = rewards - rewards.mean(1, keepdim=True)
     return centred / (rewards.std(1, unbiased=False, keepdim=True) + eps)
+
+
+def constant_groups(rewards):
+    """(B,) bool: the images whose G sampled masks all got exactly the same reward (rewards (B, G)). Their
+    group advantages are all 0. Tested by equality: a float variance of equal values need not be 0."""
+    return (rewards == rewards[:, :1]).all(1)
+
+
+def variance_selection(rewards, fraction):
+    """Which images of a rollout to train on, by the spread of their group's rewards (the filter of
+    DAPO's dynamic sampling, Yu et al. 2025, made a ranking): rewards (N, G) -> keep (N,) bool.
+    Keeps the ceil(fraction * N) images of highest reward variance over their G samples, but never
+    an image whose samples all score exactly the same: its group advantages are all 0, so it would
+    only add KL / entropy terms and dilute the batch. Ties in variance: the earlier image first."""
+    rewards = rewards.float()
+    constant = constant_groups(rewards)
+    variance = rewards.var(1, unbiased=False).masked_fill(constant, -1.0)
+    order = sorted(range(len(variance)), key=lambda i: (-float(variance[i]), i))
+    keep = torch.zeros(len(variance), dtype=torch.bool, device=rewards.device)
+    keep[order[:math.ceil(fraction * len(variance))]] = True
+    return keep & ~constant
 
 
 def normalized_advantages(advantages, eps=1e-6):

@@ -3,7 +3,11 @@
 The file (MISSION.md) is a JSON list of
     {"image": ..., "chosen_mask": ..., "rejected_mask": ..., "chosen_iou": float,
      "rejected_iou": float, "iou_gap": float, "prompt": "<image>\\n..."}
-with paths relative to the JSON file (absolute paths are accepted too). `make_dpo_pairs.py`
+with paths relative to the JSON file (absolute paths are accepted too). A file ranked by another
+score than IoU (`make_dpo_pairs.py --rank_by`) adds to each entry "rank_by", "chosen_score",
+"rejected_score", "score_gap" and per-side parts (chosen_dice, chosen_cldice,
+chosen_betti0_error, ...); its chosen mask may have the lower IoU, so the ordering and minimum-gap
+checks then apply to score_gap (iou_gap must still equal chosen_iou - rejected_iou). `make_dpo_pairs.py`
 writes it, `train_dpo.py` reads it; `load_pairs` checks every entry before a run starts
 (keys, files, sizes, IoU bookkeeping), and every problem is a `DataError` naming the entry
 index and the file.
@@ -19,6 +23,7 @@ from common.data import VIDEO_REGEX, DataError, image_size, parse_video, read_im
 
 PAIRS_FILE = "dpo_annotations.json"
 PAIR_KEYS = ("image", "chosen_mask", "rejected_mask", "chosen_iou", "rejected_iou", "iou_gap", "prompt")
+SCORE_KEYS = ("chosen_score", "rejected_score", "score_gap")  # optional: a file ranked by another score than IoU
 GAP_TOLERANCE = 1e-4  # iou values are written rounded to 6 decimals; the gap must match their difference
 
 
@@ -45,10 +50,22 @@ def check_entry(entry, index, path, root, min_iou_gap=None):
     gap = entry["chosen_iou"] - entry["rejected_iou"]
     if abs(entry["iou_gap"] - gap) > GAP_TOLERANCE:
         raise _entry_error(path, index, f"iou_gap {entry['iou_gap']} != chosen_iou - rejected_iou = {gap:.6f}")
-    if entry["iou_gap"] < 0:
-        raise _entry_error(path, index, f"iou_gap {entry['iou_gap']} < 0: the chosen mask must be the better one")
-    if min_iou_gap is not None and entry["iou_gap"] < min_iou_gap - 1e-9:
-        raise _entry_error(path, index, f"iou_gap {entry['iou_gap']} is below the threshold {min_iou_gap}")
+    ranking = "iou"  # the gap the pair was ranked by: iou_gap, or score_gap in a file ranked by another score
+    if "score_gap" in entry:
+        ranking = "score"
+        for k in SCORE_KEYS:
+            v = entry.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _entry_error(path, index, f"{k} must be a finite number when score_gap is given, got {v!r}")
+        gap = entry["chosen_score"] - entry["rejected_score"]
+        if abs(entry["score_gap"] - gap) > GAP_TOLERANCE:
+            raise _entry_error(path, index, f"score_gap {entry['score_gap']} != chosen_score - rejected_score = "
+                                            f"{gap:.6f}")
+    if entry[f"{ranking}_gap"] < 0:
+        raise _entry_error(path, index, f"{ranking}_gap {entry[f'{ranking}_gap']} < 0: the chosen mask must be the "
+                                        f"better one")
+    if min_iou_gap is not None and entry[f"{ranking}_gap"] < min_iou_gap - 1e-9:
+        raise _entry_error(path, index, f"{ranking}_gap {entry[f'{ranking}_gap']} is below the threshold {min_iou_gap}")
     out = dict(entry)
     for k in ("image", "chosen_mask", "rejected_mask"):
         if not isinstance(entry[k], str) or not entry[k]:
@@ -77,7 +94,8 @@ def load_pairs(path, min_iou_gap=None, video_regex=VIDEO_REGEX):
 
     Each entry keeps its fields and gains image_path/chosen_mask_path/rejected_mask_path
     (absolute), `key` (image + prompt: the FeatureCache key), `video` and `frame` (from the
-    image's file stem, for splits by video). `min_iou_gap`: refuse entries below it."""
+    image's file stem, for splits by video). `min_iou_gap`: refuse entries below it (their
+    score_gap when they have one)."""
     if os.path.isdir(path):
         path = os.path.join(path, PAIRS_FILE)
     if not os.path.isfile(path):

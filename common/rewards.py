@@ -6,9 +6,11 @@ Three layers, each usable alone:
    the batch; used every evaluation epoch. ``overlap_counts`` + ``metrics_from_counts``
    let a distributed evaluator all-reduce summed counts and compute dataset-level
    ("global") scores, as LISA does for cIoU.
-2. Skeleton metrics on numpy (clDice, connectivity, topology, skeleton length), one
-   image at a time because skeletonisation is per image; ``skeleton_metrics`` loops
-   over the batch.
+2. Skeleton metrics on numpy (clDice, connectivity, topology, Betti-0 error, skeleton
+   length), one image at a time because skeletonisation is per image;
+   ``skeleton_metrics`` loops over the batch. ``preference_scores`` ranks candidate
+   masks for DPO pairs with them; ``mean_pairwise_disagreement`` scores how much
+   sampled masks of one image disagree (hard mining).
 3. PPO rewards: callables ``reward(pred, gt) -> dict`` of per-sample numpy arrays,
    picked by ``make_reward(args.reward_type, ...)``.
 
@@ -174,9 +176,9 @@ def _pair_terms(pred, gt, topology=True, length=True):
         tprec = _share(np.count_nonzero(sp & gt), np.count_nonzero(sp), both_empty)
         tsens = _share(np.count_nonzero(sg & pred), np.count_nonzero(sg), both_empty)
         cl = _share(2 * tprec * tsens, tprec + tsens, both_empty)
-        comp = _min_over_max(_n_components(pred), _n_components(gt))
-        conn = comp * tsens
-        out.update(cldice=cl, connectivity=conn, topology=0.5 * (cl + conn))
+        n_pred, n_gt = _n_components(pred), _n_components(gt)
+        conn = _min_over_max(n_pred, n_gt) * tsens
+        out.update(cldice=cl, connectivity=conn, topology=0.5 * (cl + conn), betti0_error=abs(n_pred - n_gt))
     if length:
         out["length"] = _min_over_max(int(sp.sum()), int(sg.sum()))
     return out
@@ -213,6 +215,16 @@ def topology(pred, gt):
     return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["topology"]
 
 
+def betti0_error(pred, gt):
+    """Betti-0 error of one pair of 2-D masks: |b0(P) - b0(G)|, an int.
+
+    b0 = the number of 8-connected components (pieces) of a mask. A vessel broken in
+    two, or one spurious island, adds 1. It counts pieces, not where they are:
+    ``connectivity`` and clDice tie the pieces to the GT vessels. Both empty -> 0.
+    """
+    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["betti0_error"]
+
+
 def skeleton_length(mask):
     """Vessel length of a 2-D mask as the number of skeleton pixels (int).
 
@@ -246,16 +258,62 @@ def skeleton_metrics(pred, gt, topology=True, length=True):
     """Skeleton metrics of a batch: dict of float64 numpy arrays of shape (B,).
 
     pred, gt: (B, H, W) or (H, W) bool / {0, 1}, numpy or torch (any device).
-    Keys: "cldice", "connectivity", "topology" if topology, "length" if length
-    (see the per-pair functions for formulas). Loops over the B samples because
-    skeletonisation is per image; each mask is skeletonised once.
+    Keys: "cldice", "connectivity", "topology", "betti0_error" if topology, "length"
+    if length (see the per-pair functions for formulas). Loops over the B samples
+    because skeletonisation is per image; each mask is skeletonised once.
     """
     p, g = _batch_numpy(pred), _batch_numpy(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred and gt shapes differ: {p.shape} vs {g.shape}")
     rows = [_pair_terms(pi, gi, topology, length) for pi, gi in zip(p, g)]
-    keys = (["cldice", "connectivity", "topology"] if topology else []) + (["length"] if length else [])
+    keys = (["cldice", "connectivity", "topology", "betti0_error"] if topology else []) + (["length"] if length else [])
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
+
+
+# ---------------------------------------------------------------------------
+# Ranking candidate masks (DPO pairs) and disagreement of sampled masks (mining)
+# ---------------------------------------------------------------------------
+
+RANK_BY = ("iou", "cldice", "dice_cldice", "dice_topology")
+
+
+def preference_scores(pred, gt, rank_by="iou"):
+    """The score that ranks candidate masks for DPO pairs, and its parts.
+
+    pred, gt: (B, H, W) or (H, W) bool / {0, 1}, numpy or torch. rank_by:
+        iou            IoU (no skeleton is computed)
+        cldice         clDice
+        dice_cldice    0.5 Dice + 0.5 clDice
+        dice_topology  0.5 Dice + 0.5 topology,  topology = (clDice + connectivity) / 2,
+                       connectivity = min(b0P, b0G) / max(b0P, b0G) * Tsens
+    so with dice_topology a mask in more pieces than the GT (a broken vessel, spurious
+    islands) ranks below one of equal overlap in as many pieces as the GT. Every score
+    is in [0, 1] and is 1 for a mask equal to the GT.
+    Returns dict of float64 numpy arrays (B,): score, iou, dice, and with a skeleton
+    score also cldice, connectivity, betti0_error.
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown rank_by {rank_by!r}; choose from {RANK_BY}")
+    out = {k: v.cpu().numpy().astype(np.float64) for k, v in overlap_metrics(pred, gt).items()
+           if k in ("iou", "dice")}
+    if rank_by == "iou":
+        return dict(score=out["iou"].copy(), **out)
+    s = skeleton_metrics(pred, gt, topology=True, length=False)
+    out.update(cldice=s["cldice"], connectivity=s["connectivity"], betti0_error=s["betti0_error"])
+    score = dict(cldice=s["cldice"], dice_cldice=0.5 * out["dice"] + 0.5 * s["cldice"],
+                 dice_topology=0.5 * out["dice"] + 0.5 * s["topology"])[rank_by]
+    return dict(score=score, **out)
+
+
+def mean_pairwise_disagreement(masks):
+    """How much N >= 2 masks of one image disagree: the mean over their N (N - 1) / 2 pairs of
+    (1 - IoU), in [0, 1]. masks: (N, H, W) bool / {0, 1}. 0 exactly when all masks are equal
+    (two empty masks have IoU 1); 1 when no two overlap."""
+    m = _flat_bool(masks)
+    if m.shape[0] < 2:
+        raise ValueError(f"disagreement needs at least 2 masks, got {m.shape[0]}")
+    i, j = torch.triu_indices(m.shape[0], m.shape[0], 1)
+    return float((1.0 - overlap_metrics(m[i, None], m[j, None])["iou"].double()).mean())  # (pairs, 1, pixels)
 
 
 # ---------------------------------------------------------------------------
@@ -284,7 +342,8 @@ class MultiObjectiveReward:
 
     Skeletonisation is the slow part, so the topology / length terms are only computed
     when their effective weight is non-zero; a skipped term is reported as NaN.
-    Output keys: reward, dice, iou, precision, recall, recall_bonus, topology, length.
+    Output keys: reward, dice, iou, precision, recall, recall_bonus, topology, cldice
+    (a part of topology, reported as is), length.
     """
 
     def __init__(self, dice_weight=0.5, recall_weight=0.2, topology_weight=0.2,
@@ -356,6 +415,7 @@ class MultiObjectiveReward:
         need_topo, need_len = w["topology"] > 0, w["length"] > 0
         s = skeleton_metrics(pred, gt, need_topo, need_len) if need_topo or need_len else {}
         out["topology"] = s.get("topology", nan)
+        out["cldice"] = s.get("cldice", nan)
         out["length"] = s.get("length", nan)
         if need_topo:
             reward = reward + w["topology"] * out["topology"]

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 import make_dpo_pairs
 import train_dpo
-from common.data import DataError, build_splits
+from common.data import DataError, Frame, build_splits
+from common.forward import sample_masks
 from common.lora import load_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
-from common.pairs import PAIR_KEYS, PairDataset, load_pairs
+from common.pairs import PAIR_KEYS, SCORE_KEYS, PairDataset, load_pairs
 from common.sa2va import Sa2VAProcessor, describe, load_model
 from conftest import ROOT
-from make_dpo_pairs import sample_masks
 
 # DPO on the tiny model. beta: the mission's log-likelihood is a per-pixel MEAN, so h =
 # (logp_w - ref_w) - (logp_l - ref_l) moves by ~1e-2 when the masks change a lot; beta 0.1 keeps
@@ -87,6 +87,24 @@ def test_dpo_gradient_and_step_zero():
     assert losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
     m = dpo_metrics(chosen, rejected)
     assert m["margin"] == 0 and m["accuracy"] == 0
+
+
+def test_saturation_diagnostic_on_constructed_logps():
+    """beta * h = [0, 2, 4.5, 4.7, -6] by construction (beta 100, h in per-pixel-mean units):
+    sigmoid(beta h) is outside [0.01, 0.99] exactly for |beta h| > log 99 = 4.595, so 2 of 5."""
+    h = torch.tensor([0.0, 0.02, 0.045, 0.047, -0.06])
+    losses, chosen, rejected = dpo_loss(h, torch.zeros(5), torch.zeros(5), torch.zeros(5), beta=100.0)
+    m = dpo_metrics(chosen, rejected)
+    assert m["saturated"] == pytest.approx(2 / 5)
+    assert m["abs_margin"] == pytest.approx((0 + 2 + 4.5 + 4.7 + 6) / 5, abs=1e-5)
+    # policy == reference (step 0): nothing saturated, |beta h| = 0
+    m0 = dpo_metrics(*dpo_loss(PC, PR, PC, PR, beta=100.0)[1:])
+    assert m0["saturated"] == 0.0 and m0["abs_margin"] == 0.0
+    # the end-of-run line says which way beta is off
+    line = train_dpo.beta_check_line
+    assert "too small" in line([dict(step=4, saturated=0.0, abs_margin=0.01)], 0.1)
+    assert "too large" in line([dict(step=4, saturated=0.9, abs_margin=8.0)], 1000)
+    assert "in range" in line([dict(step=4, saturated=0.1, abs_margin=1.5)], 100)
 
 
 def test_mask_log_likelihood_is_the_formula():
@@ -180,6 +198,51 @@ def test_load_pairs_names_the_entry_and_file(pair_folder, case, match):
     assert "dpo_annotations.json" in str(err.value)
 
 
+def test_load_pairs_ranked_by_another_score(pair_folder):
+    """With score_gap the ordering and min-gap checks use the ranking score: the chosen mask may have the
+    lower IoU; a negative or inconsistent score_gap is refused."""
+    folder, entries = pair_folder
+    ranked = [dict(e, chosen_iou=0.25, rejected_iou=0.3, iou_gap=-0.05, rank_by="dice_topology", chosen_score=0.8,
+                   rejected_score=0.6, score_gap=0.2) for e in entries]
+    assert len(load_pairs(_rewrite(folder, ranked), min_iou_gap=0.1)) == 2
+    with pytest.raises(DataError, match=r"entry 0: score_gap 0.2 is below the threshold 0.3"):
+        load_pairs(_rewrite(folder, ranked), min_iou_gap=0.3)
+    bad = [dict(ranked[0], chosen_score=0.6, rejected_score=0.8, score_gap=-0.2)]
+    with pytest.raises(DataError, match=r"entry 0: score_gap -0.2 < 0"):
+        load_pairs(_rewrite(folder, bad))
+    bad = [dict(ranked[0], score_gap=0.5)]
+    with pytest.raises(DataError, match=r"entry 0: score_gap 0.5 != chosen_score - rejected_score"):
+        load_pairs(_rewrite(folder, bad))
+    bad = [{k: v for k, v in ranked[0].items() if k != "chosen_score"}]
+    with pytest.raises(DataError, match=r"entry 0: chosen_score must be a finite number"):
+        load_pairs(_rewrite(folder, bad))
+
+
+def test_topology_ranking_chooses_the_unbroken_mask(tmp_path):
+    """Two candidates of equal IoU (a vessel cut in two vs the same vessel 2 columns shorter): by IoU no
+    pair (gap 0); by dice_topology the one-piece mask is chosen, with its score and parts recorded."""
+    gt = np.zeros((16, 40), bool)
+    gt[6:9, 5:35] = True
+    broken, shortened = gt.copy(), gt.copy()
+    broken[:, 19:21] = False
+    shortened[:, 33:35] = False
+    _png(str(tmp_path / "v_0.png"), gt * 255)
+    frame = Frame(key="v_0", image_path=str(tmp_path / "v_0.png"), mask_path=str(tmp_path / "v_0.png"), video="v",
+                  frame=0)
+    cands = [("broken", torch.from_numpy(broken)), ("shortened", torch.from_numpy(shortened))]
+    args = SimpleNamespace(mode="generate", pairing="best_worst", include_gt=True, min_iou_gap=0.02,
+                           max_pairs_per_image=0, max_dice=0.75, rank_by="iou")
+    pairs, _ = make_dpo_pairs.select_pairs(args, frame, cands)
+    assert [(a["tag"], b["tag"]) for a, b in pairs] == [("gt", "broken")]  # only GT vs the first of the tie
+    args.rank_by = "dice_topology"
+    pairs, _ = make_dpo_pairs.select_pairs(args, frame, cands)
+    assert [(a["tag"], b["tag"]) for a, b in pairs] == [("shortened", "broken"), ("gt", "shortened")]
+    chosen, rejected = pairs[0]
+    assert chosen["iou"] == rejected["iou"] and chosen["score"] > rejected["score"] + 0.1
+    assert (chosen["betti0_error"], rejected["betti0_error"]) == (0, 1)
+    assert pairs[1][0]["score"] == 1.0 and pairs[1][0]["betti0_error"] == 0
+
+
 # ---------------------------------------------------------------- the three modes, then DPO
 
 @pytest.fixture(scope="session")
@@ -195,7 +258,10 @@ def make_pairs(synth_data, tiny_folder, sft_best, out, mode, *extra):
     pairs = load_pairs(str(out), min_iou_gap=args.min_iou_gap)
     with open(out / "dpo_annotations.json") as f:
         raw = json.load(f)
-    assert all(sorted(e) == sorted(PAIR_KEYS) for e in raw)  # exactly the MISSION.md format
+    ranked = args.rank_by != "iou"  # the MISSION.md format exactly, plus the ranking when not by IoU
+    extra = ("rank_by",) + SCORE_KEYS + tuple(f"{side}_{k}" for side in ("chosen", "rejected")
+                                             for k in make_dpo_pairs.SCORE_PARTS)
+    assert all(sorted(e) == sorted(PAIR_KEYS + (extra if ranked else ())) for e in raw)
     assert all(not os.path.isabs(e[k]) for e in raw for k in ("image", "chosen_mask", "rejected_mask"))
     assert summary["pairs"] == len(pairs) > 0
     return pairs, summary
@@ -246,6 +312,28 @@ def test_from_predictions_mode(synth_data, tmp_path):
     assert all(p["chosen_mask_path"].startswith(str(tmp_path / "thin")) for p in pairs)  # referenced, not copied
 
 
+def test_from_predictions_ranked_by_topology(synth_data, tmp_path):
+    """The same two 'methods', one of them also cut into pieces: ranked by dice_topology the file records
+    each side's score, Dice, clDice and Betti-0 error, and its gaps are the differences of its scores."""
+    train, _ = build_splits(synth_data)
+    for f in train[:6]:
+        gt = np.asarray(Image.open(f.mask_path)) > 0
+        cut = gt.copy()
+        cut[:, ::8] = False  # a vertical cut every 8 columns: many pieces, most pixels kept
+        _png(str(tmp_path / "cut" / f"{f.key}.png"), cut * 255)
+        _png(str(tmp_path / "shifted" / f"{f.key}.png"), np.roll(gt, 3, axis=0) * 255)
+    pairs, summary = make_pairs(synth_data, None, None, tmp_path / "fp", "from_predictions", "--predictions",
+                                f"cut={tmp_path / 'cut'}", f"shifted={tmp_path / 'shifted'}", "--rank_by",
+                                "dice_topology", "--include_gt")
+    assert summary["rank_by"] == "dice_topology" and "score_gap_quantiles" in summary
+    for p in pairs:
+        assert p["rank_by"] == "dice_topology" and p["score_gap"] >= 0.05
+        assert p["score_gap"] == pytest.approx(p["chosen_score"] - p["rejected_score"], abs=1e-6)
+        assert 0 <= p["rejected_cldice"] <= 1 and p["rejected_betti0_error"] >= 0
+    gt_side = [p for p in pairs if "synth/masks/" in p["chosen_mask"]]  # the ground truth, referenced
+    assert gt_side and all(p["chosen_score"] == 1.0 and p["chosen_betti0_error"] == 0 for p in gt_side)
+
+
 @pytest.fixture(scope="session")
 def gt_pairs(synth_data, tiny_folder, sft_best, tmp_path_factory):
     """GT-vs-prediction pairs of every video (the data's val videos included: train_dpo must hold
@@ -289,6 +377,10 @@ def test_dpo_raises_held_out_accuracy_and_keeps_val_dice(dpo_run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         first = next(json.loads(line) for line in f if "train/dpo_loss" in line)
     assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["train/margin"]) < 1e-5
+    # the beta check: one record per log window (log_every 1), nothing saturated at the start
+    assert first["train/saturated"] == 0.0 and first["train/abs_margin"] < 1e-3
+    assert len(info["beta_check"]) == info["history"][-1]["step"] and info["beta_check"][0]["saturated"] == 0.0
+    assert {"held_saturated", "held_abs_margin"} <= set(end)
 
 
 def test_dpo_moves_trained_heads_only_and_keeps_the_reference(dpo_run, tiny_folder, sft_best, synth_data):

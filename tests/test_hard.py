@@ -3,6 +3,7 @@ hard_samples.json, and train_hard on synthetic data (hard-subset Dice rises; eas
 reported; trained parts change, LoRA and frozen parts do not)."""
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import mine_hard
 import train_hard
 import train_sft
 from common.data import DataError, build_splits
-from common.forward import FeatureCache
+from common.forward import FeatureCache, sample_generator, sample_masks
+from common.rewards import mean_pairwise_disagreement
 from common.lora import load_stage, set_trainable
 from common.sa2va import Sa2VAProcessor, describe, load_model
 from common.synth import write_dataset
@@ -117,6 +119,61 @@ def test_buckets_sum_to_total():
     assert all(b["count"] == 0 for b in mine_hard.dice_buckets([]))
 
 
+# ---------------------------------------------------------------- hard by disagreement between sampled masks
+
+TINY_SAM = SimpleNamespace(grounding_encoder=SimpleNamespace(sam2_model=SimpleNamespace(image_size=16)))
+
+
+def test_disagreement_ranks_a_frame_whose_samples_disagree_above_one_whose_agree(tmp_path):
+    """Confident logits (|logit| > 16.2: the sampler's clamped noise never flips a pixel) give 8 equal masks,
+    disagreement exactly 0; logits near 0 give samples that differ. Ranked by disagreement, the uncertain frame
+    is hard though its greedy Dice is high; a frame whose samples all agree never is; train_hard reads the list."""
+    confident = torch.full((1, 1, 16, 16), -20.0)
+    confident[..., 6:10, :] = 20.0
+    uncertain = confident / 40  # the same vessel at p = sigmoid(0.5)
+    scores = [mean_pairwise_disagreement(sample_masks(TINY_SAM, logits, (32, 32), 8, 1.0, 2.0, sample_generator(0, i)))
+              for i, logits in enumerate((confident, uncertain))]
+    assert scores[0] == 0.0 and scores[1] > 0.1
+    # four frames of one video: Dice 0.9 / 0.9 / 0.5 / 0.95, disagreement 0 / uncertain / 0.05 / 0
+    frames = [SimpleNamespace(key=f"v_{i}", video="v", frame=i) for i in range(4)]
+    records = [dict(index=i, dice=[d], iou=[d], recall=[d], precision=[d]) for i, d in enumerate((0.9, 0.9, 0.5, 0.95))]
+    disagreement = {0: scores[0], 1: scores[1], 2: 0.05, 3: 0.0}
+
+    def report(*flags):
+        args = mine_hard.parse_args(["--data", str(tmp_path), *flags])
+        return mine_hard.build_report(records, frames, args, None if args.by == "dice" else disagreement)
+    assert report()["hard"] == ["v_2"]
+    top = report("--by", "disagreement", "--hard_share", "0.25")
+    assert top["hard"] == ["v_1"] and [s["hard_by"] for s in top["scores"]] == [[], ["disagreement"], [], []]
+    assert report("--by", "disagreement", "--hard_share", "1")["hard"] == ["v_1", "v_2"]  # never v_0 / v_3
+    assert report("--by", "disagreement", "--disagreement_threshold", "0.04")["hard"] == ["v_1", "v_2"]
+    both = report("--by", "both", "--hard_share", "0.25")
+    assert both["hard"] == ["v_2", "v_1"] and both["disagreement"]["hard_by_dice"] == 1
+    assert [c["keys"] for c in both["clusters"]] == [["v_1", "v_2"]]  # a temporal cluster of the hard frames
+    path = tmp_path / "hard_samples.json"
+    with open(path, "w") as f:
+        json.dump(both, f)
+    indices, spec = train_hard.read_hard_list(str(path), frames, [], print)
+    assert indices == [1, 2] and spec["by"] == "both"
+
+
+def test_mine_hard_by_both_on_the_model(hard_data, sft_best, tmp_path):
+    args = mine_hard.parse_args(["--data", hard_data, "--init", sft_best, "--num_workers", "0", "--split", "val",
+                                 "--by", "both", "--num_samples", "4", "--hard_share", "0.5", "--output",
+                                 str(tmp_path)])
+    report = mine_hard.main(args)
+    with open(tmp_path / "hard_samples.json") as f:
+        assert json.load(f)["hard"] == report["hard"]
+    scores = report["scores"]
+    assert all(0 <= s["disagreement"] <= 1 for s in scores) and any(s["disagreement"] > 0 for s in scores)
+    by_dis = [s for s in scores if "disagreement" in s["hard_by"]]
+    assert len(by_dis) == min(round(0.5 * len(scores)), sum(s["disagreement"] > 0 for s in scores))
+    assert min(s["disagreement"] for s in by_dis) >= max(s["disagreement"] for s in scores if s not in by_dis)
+    assert set(report["hard"]) == {s["key"] for s in scores if s["hard_by"]} >= {s["key"] for s in scores
+                                                                               if s["dice"] < args.threshold_hard}
+    assert report["by"] == "both" and report["disagreement"]["num_samples"] == 4
+
+
 # ---------------------------------------------------------------- items, views, rank assignment
 
 def test_views_transform_image_and_mask_together(hard_data):
@@ -215,6 +272,7 @@ def test_mine_hard_writes_valid_json(mined, hard_data):
     train, _ = build_splits(hard_data)
     assert report["split"] == "train" and report["samples"] == len(train) == len(report["scores"])
     assert report["threshold_hard"] == threshold and report["probability_threshold"] == 0.5
+    assert "by" not in report and all("disagreement" not in s for s in report["scores"])  # --by dice: as before
     assert {s["key"] for s in report["scores"]} == {f.key for f in train}
     dice = {s["key"]: s["dice"] for s in report["scores"]}
     assert set(report["hard"]) == {k for k, d in dice.items() if d < threshold}

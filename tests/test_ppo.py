@@ -3,9 +3,11 @@
 parameters move, and a short run from the quick SFT checkpoint that raises the held-out reward
 and recall without collapsing Dice."""
 import contextlib
+import copy
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ import torch
 import train_ppo
 from common import cli
 from common.data import VesselDataset, build_splits
-from common.forward import FeatureCache, forward_batch
+from common.forward import FeatureCache, forward_batch, upsample_logits
 from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
-                           normalized_advantages, ppo_clip_loss)
+                           normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import make_reward
 from common.sa2va import Sa2VAProcessor, describe
 
@@ -76,6 +78,22 @@ def test_advantages_hand_values():
         group_advantages(torch.ones(3, 1))
     n = normalized_advantages(torch.tensor([1.0, 2.0, 3.0]))
     assert n.mean().abs() < 1e-6 and n.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_variance_selection_drops_zero_variance_groups():
+    r = torch.tensor([[0.3, 0.3, 0.3],      # all samples alike: never kept
+                      [0.0, 1.0, 0.0],      # variance 2/9
+                      [0.1, 0.1, 0.1],      # alike (its float variance need not be exactly 0)
+                      [0.0, 2.0, 0.0],      # variance 8/9: the most informative
+                      [0.5, 0.6, 0.5]])     # variance 2/900
+    assert variance_selection(r, 1.0).tolist() == [False, True, False, True, True]
+    assert variance_selection(r, 0.2).tolist() == [False, False, False, True, False]  # ceil(0.2 * 5) = 1
+    assert variance_selection(r, 0.4).tolist() == [False, True, False, True, False]
+    assert not variance_selection(torch.ones(3, 4), 1.0).any()
+    # the rollout-level helper splits the choice back over its batches
+    rollout = [dict(rewards=r[:2]), dict(rewards=r[2:])]
+    train_ppo.select_images(rollout, SimpleNamespace(select_by_variance=0.4))
+    assert rollout[0]["keep"].tolist() == [False, True] and rollout[1]["keep"].tolist() == [False, True, False]
 
 
 # ---------------------------------------------------------------- the real path on the tiny model
@@ -154,6 +172,95 @@ def test_updates_move_trained_parts_only_and_keep_the_reference(policy):
     assert torch.equal(forward_batch(model, dict(batch), cache)["low_res_logits"], now)  # restored after
 
 
+def args_sam_size(model):
+    return model.grounding_encoder.sam2_model.image_size
+
+
+def ppo_objective(model, ro, cache, args, rows=slice(None)):
+    """The PPO objective of train_ppo before --sft_coef / --select_by_variance, written out from its pieces,
+    over the images `rows` of the rollout batch."""
+    logits = (forward_batch(model, ro["batch"], cache)["low_res_logits"] / args.temperature)[rows]
+    actions = ro["actions"][rows].float()
+    pg = ppo_clip_loss(mask_log_likelihood(logits.expand_as(actions), actions).flatten(),
+                       ro["logp_old"][rows].flatten(), ro["advantages"][rows].flatten(), args.clip)
+    return pg["loss"] + args.kl_coef * bernoulli_kl(logits, ro["ref_logits"][rows]).mean() \
+        - args.entropy_coef * bernoulli_entropy(logits).mean()
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_sft_coef_zero_is_the_old_update_and_positive_reaches_the_heads(policy):
+    model, batch, args, reward = policy
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = [p.detach().clone() for p in params]
+    cache = FeatureCache()
+    rollouts = {}
+    for coef in (0.0, 1.0):  # the same seed: storing the best masks draws nothing from the generator
+        args.sft_coef = coef
+        rollouts[coef] = train_ppo.collect_rollout(model, dict(batch), cache, reward, args, params, reference,
+                                                   _nullcontext, torch.Generator().manual_seed(3))
+        train_ppo.set_advantages([rollouts[coef]], args)
+    ro0, ro1 = rollouts[0.0], rollouts[1.0]
+    assert torch.equal(ro0["actions"], ro1["actions"]) and torch.equal(ro0["rewards"], ro1["rewards"])
+    assert ro0["best_masks"] is None and len(ro1["best_masks"]) == 4
+    best = ro1["rewards"].argmax(1)
+    assert all(m.shape == g.shape and m.dtype == torch.bool for m, g in zip(ro1["best_masks"], batch["masks"]))
+    for i, gt in enumerate(batch["masks"]):  # the best sample as the reward saw it: resized, > 0.5
+        action = ro1["actions"][i, best[i]][None, None].float()
+        assert torch.equal(ro1["best_masks"][i], upsample_logits(action, gt.shape, args_sam_size(model))[0] > 0.5)
+
+    # --sft_coef 0: exactly the loss and gradients of the PPO objective alone (the update before the flag)
+    args.sft_coef = 0.0
+    loss, stats = train_ppo.ppo_loss(model, ro0, cache, args, _nullcontext)
+    got = _grads(model, loss)
+    old = ppo_objective(model, ro0, cache, args)
+    want = _grads(model, old)
+    assert loss.item() == old.item() and "sft_loss" not in stats
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+    # --sft_coef 1 with zero advantages and no KL: the supervised term alone moves the heads, toward the best sample
+    args.kl_coef = 0.0
+    ro1["advantages"] = torch.zeros_like(ro1["advantages"])
+    args.sft_coef = 1.0
+    loss, stats = train_ppo.ppo_loss(model, ro1, cache, args, _nullcontext)
+    full = train_ppo.full_size_logits(model, forward_batch(model, ro1["batch"], cache)["low_res_logits"],
+                                      ro1["batch"]["image_sizes"])
+    expected = segmentation_loss(full, [m.float() for m in ro1["best_masks"]])["loss"]
+    assert stats["sft_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    grads = _grads(model, loss)
+    assert all(grads[n].abs().sum() > 0 for n in grads if n.startswith("text_hidden_fcs."))
+    assert any(n.startswith("grounding_encoder.sam2_model.sam_mask_decoder.") and grads[n].abs().sum() > 0
+               for n in grads)
+    args.sft_coef = 0.0
+    zero = _grads(model, train_ppo.ppo_loss(model, ro1, cache, args, _nullcontext)[0])
+    assert all(torch.count_nonzero(g) == 0 for g in zero.values())
+
+
+def test_dropped_images_give_no_gradient(policy):
+    """--select_by_variance: images left out contribute nothing; a minibatch with none kept gives a zero loss
+    that still runs backward."""
+    model, batch, args, reward = policy
+    params = [p for p in model.parameters() if p.requires_grad]
+    cache = FeatureCache()
+    ro = train_ppo.collect_rollout(model, dict(batch), cache, reward, args, params,
+                                   [p.detach().clone() for p in params], _nullcontext, torch.Generator().manual_seed(0))
+    train_ppo.set_advantages([ro], args)
+    ro["keep"] = torch.tensor([True, False, True, False])
+    loss, stats = train_ppo.ppo_loss(model, ro, cache, args, _nullcontext)
+    alone = ppo_objective(model, ro, cache, args, rows=[0, 2])
+    assert loss.item() == alone.item()
+    got, want = _grads(model, loss), _grads(model, alone)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    ro["keep"] = torch.zeros(4, dtype=torch.bool)
+    loss, stats = train_ppo.ppo_loss(model, ro, cache, args, _nullcontext)
+    assert loss.item() == 0.0 and stats == {"loss": 0.0}  # no policy terms
+    assert all(torch.count_nonzero(g) == 0 for g in _grads(model, loss).values())
+
+
 def test_critic_advantages_and_value_head_fit(policy):
     model, batch, args, reward = policy
     args.advantage, args.group_size = "critic", 2
@@ -190,7 +297,7 @@ def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
     with open(os.path.join(run, "training_info.json")) as f:
         info = json.load(f)
     curve = [info["initial_val"]] + info["history"]
-    for name in ("reward", "recall", "dice", "precision"):
+    for name in ("reward", "recall", "dice", "precision", "cldice"):
         print(f"val {name}: " + " -> ".join(f"{v[f'mean_{name}']:.4f}" for v in curve))
     print("train reward (sampled masks): " + " -> ".join(f"{h['train']['reward']:.4f}" for h in info["history"]))
     start, end = info["initial_val"], info["history"][-1]
@@ -211,4 +318,20 @@ def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
     assert all(torch.equal(sft_adapter[k], ppo_adapter[k]) for k in sft_adapter)
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     keys = set().union(*records)
-    assert {"val/reward", "val/dice", "val/recall", "val/precision"} <= keys
+    assert {"val/reward", "val/dice", "val/recall", "val/precision", "val/cldice"} <= keys
+    assert all(0 <= v["mean_cldice"] <= 1 for v in curve)
+    assert all(0 <= h["train"]["zero_variance"] <= 1 and "cldice" in h["train"] for h in info["history"])
+
+
+def test_ppo_run_with_the_grpo_recipe_flags(synth_data, tmp_path):
+    """--sft_coef and --select_by_variance through train_ppo's own loop (tiny sizes: it runs, logs them)."""
+    args = train_ppo.parse_args(["--data", synth_data, "--output", str(tmp_path), "--epochs", "1",
+                                 "--max_train_samples", "8", "--max_val_samples", "4", "--batch_size", "4",
+                                 "--rollout_batches", "2", "--ppo_epochs", "1", "--group_size", "4",
+                                 "--temperature", "1.2", "--sft_coef", "0.1", "--select_by_variance", "0.5",
+                                 "--reward_type", "simple_dice", "--num_workers", "0", "--log_every", "1000"])
+    with open(os.path.join(train_ppo.main(args), "training_info.json")) as f:
+        info = json.load(f)
+    train = info["history"][-1]["train"]
+    assert 0 < train["kept"] <= 0.5 and train["sft_loss"] > 0 and 0 <= train["zero_variance"] <= 1
+    assert 0 <= info["history"][-1]["mean_cldice"] <= 1

@@ -129,6 +129,50 @@ def test_broken_vessel_scores_lower_topology_but_keeps_dice():
     assert R.connectivity(one_break, intact) < 0.5
 
 
+def test_betti0_error_counts_pieces():
+    intact = _vessel()
+    assert R.betti0_error(intact, intact) == 0
+    assert R.betti0_error(_vessel([slice(19, 21)]), intact) == 1
+    assert R.betti0_error(_vessel([slice(12, 14), slice(25, 27)]), intact) == 2
+    island = intact.copy()
+    island[1:3, 1:3] = True  # a spurious blob away from the vessel
+    assert R.betti0_error(island, intact) == 1 and R.betti0_error(intact, island) == 1
+    empty = np.zeros_like(intact)
+    assert R.betti0_error(empty, empty) == 0 and R.betti0_error(empty, intact) == 1
+
+
+def test_topology_ranking_prefers_fewer_pieces_at_equal_iou():
+    """A vessel cut in the middle vs the same vessel shortened by the same 2 columns: equal pixel
+    counts, so equal IoU and Dice; dice_topology ranks the one-piece mask above the broken one."""
+    gt = _vessel()
+    broken, shortened = _vessel([slice(19, 21)]), _vessel([slice(33, 35)])
+    pred = np.stack([broken, shortened])
+    s = R.preference_scores(pred, np.stack([gt, gt]), "dice_topology")
+    assert s["iou"][0] == s["iou"][1] == pytest.approx(84 / 90)  # exact integer counts: 28 of 30 columns
+    assert s["dice"][0] == s["dice"][1]
+    assert s["betti0_error"].tolist() == [1.0, 0.0]
+    assert s["score"][1] > s["score"][0] + 0.1  # the connectivity term halves for two pieces vs one
+    iou_only = R.preference_scores(pred, np.stack([gt, gt]), "iou")
+    assert set(iou_only) == {"score", "iou", "dice"} and iou_only["score"][0] == iou_only["score"][1]
+    for rank_by in R.RANK_BY:  # the ground truth itself scores 1 on every score
+        assert R.preference_scores(gt, gt, rank_by)["score"].tolist() == [1.0]
+    with pytest.raises(ValueError, match="rank_by"):
+        R.preference_scores(gt, gt, "betti")
+
+
+def test_mean_pairwise_disagreement_hand_case():
+    a = _block((4, 4), slice(0, 2), slice(None))  # top half, 8 px
+    b = _block((4, 4), slice(1, 3), slice(None))  # rows 1-2: IoU(a, b) = 4 / 12
+    assert R.mean_pairwise_disagreement(np.stack([a, a, a])) == 0.0
+    # pairs (a, a), (a, b), (a, b): (0 + 2 (1 - 1/3)) / 3
+    assert R.mean_pairwise_disagreement(np.stack([a, a, b])) == pytest.approx(4 / 9)
+    empty = np.zeros_like(a)
+    assert R.mean_pairwise_disagreement(np.stack([empty, empty])) == 0.0
+    assert R.mean_pairwise_disagreement(np.stack([empty, a])) == 1.0
+    with pytest.raises(ValueError):
+        R.mean_pairwise_disagreement(a[None])
+
+
 def test_skeleton_length_and_agreement():
     g = _block((5, 30), 2, slice(2, 22))   # 20-px line
     p = _block((5, 30), 2, slice(2, 12))   # 10-px line
@@ -145,7 +189,7 @@ def test_skeleton_metrics_batched():
     pred = torch.from_numpy(np.stack([v, _vessel([slice(19, 21)]), np.zeros_like(v)]))
     gt = torch.from_numpy(np.stack([v, v, np.zeros_like(v)]))
     s = R.skeleton_metrics(pred, gt)
-    assert set(s) == {"cldice", "connectivity", "topology", "length"}
+    assert set(s) == {"cldice", "connectivity", "topology", "betti0_error", "length"}
     for k, arr in s.items():
         assert isinstance(arr, np.ndarray) and arr.shape == (3,)
         assert not np.isnan(arr).any()
@@ -156,7 +200,7 @@ def test_skeleton_metrics_batched():
 
 # ---------------------------------------------------------------- rewards
 
-KEYS = {"reward", "dice", "recall", "precision", "topology", "length"}
+KEYS = {"reward", "dice", "recall", "precision", "topology", "cldice", "length"}
 
 
 @pytest.mark.parametrize("name", ["multi_objective", "simple_dice", "recall_focused"])
