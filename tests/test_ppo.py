@@ -22,7 +22,7 @@ from common.rewards import make_reward
 from common.sa2va import Sa2VAProcessor, describe
 
 # a short run the tiny model learns from in well under a minute of CPU (README, "Tests")
-QUICK_PPO = ["--lr", "5e-4", "--epochs", "2", "--max_train_samples", "32", "--max_val_samples", "24",
+QUICK_PPO = ["--lr", "2e-4", "--epochs", "2", "--max_train_samples", "32", "--max_val_samples", "24",
              "--batch_size", "4", "--rollout_batches", "2", "--ppo_epochs", "4", "--group_size", "8",
              "--kl_coef", "0.02", "--num_workers", "0", "--log_every", "1000"]
 UNUSED_BY_THE_MASK = ("iou_prediction_head", "pred_obj_score_head", "obj_score_token", "iou_token",
@@ -277,15 +277,17 @@ def test_critic_advantages_and_value_head_fit(policy):
         head.net[-1].bias.fill_(1.0)  # start far from the rewards (in [0, 1])
     optimizer = torch.optim.SGD(head.parameters(), lr=0.02)  # only the value loss reaches the head
     value_losses = []
-    for _ in range(10):
+    for _ in range(15):
         loss, stats = train_ppo.ppo_loss(model, ro, cache, args, _nullcontext)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         value_losses.append(stats["value_loss"])
-    # the value head fits the rollout's rewards (gradient descent on the MSE: monotone at this step size)
+    # the value head fits the rollout's rewards (gradient descent on the MSE: monotone at this step size) down
+    # towards the least value loss one value per image can reach: the rewards' spread within each group
     assert all(b < a for a, b in zip(value_losses, value_losses[1:])), value_losses
-    assert value_losses[-1] < 0.05 * value_losses[0]
+    floor = float(((ro["rewards"] - ro["rewards"].mean(1, keepdim=True)) ** 2).mean())
+    assert value_losses[-1] - floor < 0.1 * (value_losses[0] - floor), (value_losses, floor)
 
 
 # ---------------------------------------------------------------- a short run learns
@@ -301,8 +303,8 @@ def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
         print(f"val {name}: " + " -> ".join(f"{v[f'mean_{name}']:.4f}" for v in curve))
     print("train reward (sampled masks): " + " -> ".join(f"{h['train']['reward']:.4f}" for h in info["history"]))
     start, end = info["initial_val"], info["history"][-1]
-    # the pretrained tiny model starts near its ceiling on these frames (reward ~0.75): PPO must still raise
-    # what it optimises (measured 0.7504 -> 0.7522), without losing Dice
+    # the pretrained tiny model starts near its ceiling on these frames (reward ~0.77): PPO must still raise
+    # what it optimises (measured 0.7652 -> 0.7710 at lr 2e-4; 5e-4 overshoots to 0.7542), without losing Dice
     assert end["mean_reward"] > start["mean_reward"]
     assert end["mean_recall"] > start["mean_recall"]
     assert end["mean_dice"] > start["mean_dice"] - 0.02  # no collapse
