@@ -13,10 +13,14 @@ from common.sa2va import load_model
 from conftest import ROOT
 
 
+UNET_STEPS = 20
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("quick") / "out")
-    env = dict(os.environ, OUT=out, MAX_TRAIN="40", MAX_VAL="12", PYTHONUNBUFFERED="1")
+    # 16 train frames still give hard frames to mine and DPO pairs; the small U-Net's 20 steps (of 200) a row
+    env = dict(os.environ, OUT=out, MAX_TRAIN="16", MAX_VAL="12", UNET_STEPS=str(UNET_STEPS), PYTHONUNBUFFERED="1")
     result = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,6 +40,10 @@ def test_every_stage_checkpoint_exists_and_loads(quick_run):
     assert os.path.isfile(os.path.join(out, "pairs", "dpo_annotations.json"))
     assert os.path.isfile(os.path.join(out, "merged", "config.json"))
     assert os.path.isfile(os.path.join(out, "eval", "panel.png"))
+    (unet,) = os.listdir(os.path.join(out, "unet"))
+    with open(os.path.join(out, "unet", unet, "training_info.json")) as f:
+        args = json.load(f)["args"]
+    assert (args["preset"], args["steps"], args["max_train_samples"]) == ("small", UNET_STEPS, 16)
 
 
 def test_stage_table_comes_from_the_evaluation_files(quick_run):
