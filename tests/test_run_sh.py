@@ -14,13 +14,18 @@ from conftest import ROOT
 
 
 UNET_STEPS = 20
+# one torch thread per launched script: the tiny model's and the small U-Net's small tensors ran faster on one
+# thread here (this file at its earlier sizes: 284 s on two, 218 s on one), and two threads on two shared cores can stall each
+# other (SFT: 5 s on one thread, 130 s on two at load 4)
+ONE_THREAD = dict(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("quick") / "out")
     # 16 train frames still give hard frames to mine and DPO pairs; the small U-Net's 20 steps (of 200) a row
-    env = dict(os.environ, OUT=out, MAX_TRAIN="16", MAX_VAL="12", UNET_STEPS=str(UNET_STEPS), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OUT=out, MAX_TRAIN="16", MAX_VAL="12", UNET_STEPS=str(UNET_STEPS), PYTHONUNBUFFERED="1",
+               **ONE_THREAD)
     result = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -101,7 +106,7 @@ def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_setting
     # every stage but video (it takes no preset setting; the quick run covers it)
     # BASELINES=0: the full preset's strong U-Net is GPU work (the quick run covers the baselines)
     env = dict(os.environ, MODEL=tiny_folder, DATA=synth_data, OUT=out, MAX_TRAIN="8", MAX_VAL="4",
-               STAGES="sft,dpo,hard,ppo,eval,merge", BASELINES="0", PYTHONUNBUFFERED="1")
+               STAGES="sft,dpo,hard,ppo,eval,merge", BASELINES="0", PYTHONUNBUFFERED="1", **ONE_THREAD)
     result = subprocess.run(["bash", "run.sh", "full"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
