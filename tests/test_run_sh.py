@@ -14,9 +14,9 @@ from conftest import ROOT
 
 
 UNET_STEPS = 20
-# one torch thread per launched script: the tiny model's and the small U-Net's small tensors ran faster on one
-# thread here (this file at its earlier sizes: 284 s on two, 218 s on one), and two threads on two shared cores can stall each
-# other (SFT: 5 s on one thread, 130 s on two at load 4)
+# one torch thread per launched script: the tiny model's and the small U-Net's small tensors ran faster on
+# one thread here (this file at its earlier sizes: 284 s on two, 218 s on one), and two threads on two shared
+# cores can stall each other (SFT: 5 s on one thread, 130 s on two at load 4)
 ONE_THREAD = dict(OMP_NUM_THREADS="1")
 
 
