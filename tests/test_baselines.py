@@ -132,7 +132,8 @@ def test_crop_sampler_gives_the_per_sample_reference_batches_bit_for_bit(tmp_pat
     frames = train_frames + val_frames
     images = [np.asarray(read_image(f.image_path)) for f in frames]
     masks = [frame_mask(f) for f in frames]
-    for crop, flips, rot90 in [(32, True, True), (48, True, True), (0, True, True), (32, False, False), (0, True, False)]:
+    settings = [(32, True, True), (48, True, True), (0, True, True), (32, False, False), (0, True, False)]
+    for crop, flips, rot90 in settings:  # 48: larger than two frames' height or width (zero-padded)
         sampler = baselines.CropSampler(frames, crop, 5, 3, flips, rot90)
         for step in (7, 0, 1, 2, 3):
             x, y = sampler.batch(step)
