@@ -38,7 +38,8 @@
 #              start with its 95% interval over the seeds ($OUT/gains.md; python -m common.seeds)
 #   BASELINES  1 (default): Frangi (no learning) and a U-Net trained on the same split as rows of the
 #              stage table, with each stage's Dice gap to the U-Net; 0 skips them. UNET_PRESET: small
-#              (quick) or strong (full) by default (README "Baselines")
+#              (quick) or strong (full) by default; UNET_STEPS: its optimizer steps (default: the preset's,
+#              200 / 3000) (README "Baselines")
 set -euo pipefail
 # paths the user typed are relative to the directory they typed them in, not to this project
 abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
@@ -210,11 +211,11 @@ if wants eval && [ "${BASELINES:-1}" = 1 ]; then
   banner "baseline: a U-Net trained on the same split (Frangi, no learning, is fitted by evaluate.py)"
   UNET=$(run_dir unet)
   if [ -z "$UNET" ] || [ ! -f "$UNET/training_info.json" ] || [[ ",${RERUN:-}," == *",unet,"* ]]; then
-    RESUME=()
-    if [ -n "$UNET" ] && [ ! -f "$UNET/training_info.json" ]; then RESUME=(--resume "$UNET"); echo "unet: resuming $UNET"; fi
+    UNET_ARGS=(--preset "${UNET_PRESET:-$([ "$PRESET" = quick ] && echo small || echo strong)}")
+    [ -n "${UNET_STEPS:-}" ] && UNET_ARGS+=(--steps "$UNET_STEPS")
+    if [ -n "$UNET" ] && [ ! -f "$UNET/training_info.json" ]; then UNET_ARGS+=(--resume "$UNET"); echo "unet: resuming $UNET"; fi
     "$PYTHON" -m common.baselines --data "$DATA" --output "$OUT/unet" --max_train_samples "$MAX_TRAIN" \
-      --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --seed "$SEED" \
-      --preset "${UNET_PRESET:-$([ "$PRESET" = quick ] && echo small || echo strong)}" ${RESUME[@]+"${RESUME[@]}"}
+      --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --seed "$SEED" "${UNET_ARGS[@]}"
     UNET=$(run_dir unet)
   else
     echo "unet: finished earlier in $UNET (RERUN=unet to run it again)"

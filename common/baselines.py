@@ -126,7 +126,7 @@ def fit_frangi(frames, max_frames=FRANGI_FIT_FRAMES, log=print):
 
 # ----------------------------------------------------------------------------- U-Net (same split)
 
-# Presets: `strong` is the standard U-Net of the README's DRIVE numbers (GPU: ~2 min); `small` is a
+# Presets: `strong` is the standard U-Net of the README's DRIVE numbers (a GPU run); `small` is a
 # quarter-cost version for CPU smoke runs (run.sh quick). Every field can be overridden by its flag.
 UNET_PRESETS = {
     "strong": dict(width=32, crop=256, batch_size=8, steps=3000, lr=1e-3),
@@ -175,59 +175,77 @@ def normalise(image):
     return (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1.0)
 
 
+def load_frames(frames, device):
+    """[(image, mask)] of common.data.Frame `frames`, held on `device`: image the (3, H, W) float32
+    `normalise`d frame (computed once, on the CPU), mask its (H, W) bool target. Memory: 13 bytes a
+    pixel (20 DRIVE frames of 584 x 565: 86 MB; 1000 frames of 1024 x 1024: 13.6 GB)."""
+    pairs = []
+    for f in tqdm(frames, desc="loading frames", leave=False):
+        image, mask = np.asarray(read_image(f.image_path)), frame_mask(f)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"{f.mask_path or f.image_path}: mask {mask.shape} differs from image {image.shape[:2]}")
+        pairs.append((normalise(image).to(device), torch.from_numpy(mask).to(device)))
+    return pairs
+
+
 @torch.no_grad()
-def unet_probabilities(model, image, device=None):
-    """Float32 (H, W) vessel probabilities of a PIL image: padded (reflect) to a multiple of
-    2**DEPTH, segmented whole, cropped back."""
-    device = device or next(model.parameters()).device
-    x = normalise(np.asarray(image.convert("RGB")))[None].to(device)
+def segment(model, x):
+    """Float32 (H, W) vessel probabilities, on x's device, of one normalised (3, H, W) frame: padded
+    (reflect) to a multiple of 2**DEPTH, segmented whole, cropped back."""
     h, w = x.shape[-2:]
     m = 2 ** DEPTH
     pad_h, pad_w = -h % m, -w % m
-    x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "constant")
+    x = F.pad(x[None], (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "constant")
     was_training = model.training
     model.eval()
-    probs = model(x)[0, 0, :h, :w].float().sigmoid().cpu()
+    probs = model(x)[0, 0, :h, :w].float().sigmoid()
     model.train(was_training)
     return probs
 
 
-class CropSampler:
-    """Training batches of random crops with flips and 90-degree rotations, drawn from frames held
-    in memory as uint8. Batch n depends only on (seed, n), so a resumed run sees the same batches."""
+def unet_probabilities(model, image, device=None):
+    """Float32 (H, W) CPU vessel probabilities of a PIL image (`segment` on the model's device)."""
+    device = device or next(model.parameters()).device
+    return segment(model, normalise(np.asarray(image.convert("RGB"))).to(device)).cpu()
 
-    def __init__(self, frames, crop, batch_size, seed, flips=True, rot90=True):
-        self.images = [np.asarray(read_image(f.image_path)) for f in tqdm(frames, desc="loading frames", leave=False)]
-        self.masks = [frame_mask(f) for f in frames]
-        for f, image, mask in zip(frames, self.images, self.masks):
-            if image.shape[:2] != mask.shape:
-                raise ValueError(f"{f.mask_path or f.image_path}: mask {mask.shape} differs from image {image.shape[:2]}")
+
+class CropSampler:
+    """Training batches of random crops with flips and 90-degree rotations. Batch n depends only on
+    (seed, n), so a resumed run sees the same batches. The frames are normalised once and held on
+    `device` (`load_frames`); only the crop offsets, flips and rotations are drawn per batch, from a
+    CPU generator, and the crops are cut, flipped and rotated where the frames are: a batch is the
+    same bits on every device (tests/test_baselines.py checks it against the per-sample
+    normalise-crop-flip-rotate of the first version), with no pixel work on the host and no copy to a GPU."""
+
+    def __init__(self, frames, crop, batch_size, seed, flips=True, rot90=True, device="cpu"):
+        self.frames = load_frames(frames, device)
         self.crop, self.batch_size, self.seed, self.flips, self.rot90 = crop, batch_size, seed, flips, rot90
 
     def batch(self, step):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rand = lambda n: int(torch.randint(n, (1,), generator=g))
-        images, masks = [], []
+        c, images, masks = self.crop, [], []
         for _ in range(self.batch_size):
-            i = rand(len(self.images))
-            x, y = normalise(self.images[i]), torch.from_numpy(self.masks[i]).float()[None]
-            if self.crop:  # a crop larger than the frame gets the frame, zero-padded (0 = the frame's mean)
+            x, y = self.frames[rand(len(self.frames))]
+            y = y[None]
+            if c:  # a crop larger than the frame gets the frame, zero-padded (0 = the frame's mean)
                 h, w = x.shape[-2:]
-                top, left = rand(max(1, h - self.crop + 1)), rand(max(1, w - self.crop + 1))
-                x, y = (F.pad(t[:, top:top + self.crop, left:left + self.crop],
-                              (0, max(0, self.crop - w), 0, max(0, self.crop - h))) for t in (x, y))
+                top, left = rand(max(1, h - c + 1)), rand(max(1, w - c + 1))
+                x, y = x[:, top:top + c, left:left + c], y[:, top:top + c, left:left + c]
+                if x.shape[-2:] != (c, c):
+                    x, y = (F.pad(t, (0, c - t.shape[2], 0, c - t.shape[1])) for t in (x, y))
             if self.flips and rand(2):
                 x, y = x.flip(-1), y.flip(-1)
             if self.rot90 and (k := rand(4)):
                 x, y = torch.rot90(x, k, (1, 2)), torch.rot90(y, k, (1, 2))
             images.append(x)
             masks.append(y)
-        if not self.crop:  # whole frames: pad the batch to its largest frame, a multiple of 2**DEPTH
+        if not c:  # whole frames: pad the batch to its largest frame, a multiple of 2**DEPTH
             m = 2 ** DEPTH
             h = -(-max(t.shape[1] for t in images) // m) * m
             w = -(-max(t.shape[2] for t in images) // m) * m
             images, masks = ([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in ts] for ts in (images, masks))
-        return torch.stack(images), torch.stack(masks)
+        return torch.stack(images), torch.stack(masks).float()
 
 
 def save_unet(model, out_dir, meta):
@@ -266,11 +284,11 @@ def load_unet(path, device="cpu"):
     return model.to(device).eval(), dict(meta, checkpoint=folder)
 
 
-def validate_unet(model, frames, threshold, device):
-    """Mean Dice/IoU/precision/recall over `frames` at `threshold` (the stages' validation numbers)."""
-    scores = [overlap_metrics(unet_probabilities(model, read_image(f.image_path), device) > threshold,
-                              torch.from_numpy(frame_mask(f))) for f in frames]
-    return {f"mean_{k}": float(torch.cat([s[k] for s in scores]).mean()) for k in scores[0]} | dict(samples=len(frames))
+def validate_unet(model, pairs, threshold):
+    """Mean Dice/IoU/precision/recall at `threshold` (the stages' validation numbers) over `pairs`,
+    `load_frames`' (image, mask) frames on the model's device (loaded once per run, not per validation)."""
+    scores = [overlap_metrics(segment(model, x) > threshold, y) for x, y in pairs]
+    return {f"mean_{k}": float(torch.cat([s[k] for s in scores]).mean()) for k in scores[0]} | dict(samples=len(pairs))
 
 
 def versions():
@@ -343,7 +361,9 @@ def train_unet(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = resolve_preset(args, device)
     seed_everything(args.seed)
-    if device.type == "cuda":  # same seed -> same weights on a GPU too (transposed-conv backward)
+    if device.type == "cuda":  # same seed -> same weights on a GPU too: cuDNN's fastest backward algorithms of
+        # Conv2d and ConvTranspose2d accumulate with atomics (PyTorch, "Reproducibility"); benchmark mode could
+        # pick another deterministic algorithm, with other rounding, in the next run
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     run_dir = make_run_dir(args.output, STAGE, args.resume)
     logger = RunLogger(run_dir)
@@ -354,7 +374,8 @@ def train_unet(args):
                                             mask_rule=MaskRule.from_args(args))
     if not train_frames:
         raise SystemExit(f"{args.data}: the train split is empty; nothing to train the U-Net on")
-    sampler = CropSampler(train_frames, args.crop, args.batch_size, args.seed, args.flips, args.rot90)
+    sampler = CropSampler(train_frames, args.crop, args.batch_size, args.seed, args.flips, args.rot90, device)
+    val_pairs = load_frames(val_frames, device)
     model = UNet(args.width)
     n_params = parameter_count(model)
     engine = build_engine(model, list(model.parameters()), args, args.steps, device, False, 1)
@@ -387,13 +408,14 @@ def train_unet(args):
         engine.backward(losses["loss"])
         engine.step()
         state["step"] += 1
-        window.append({k: float(v.detach()) for k, v in losses.items()})
+        window.append({k: v.detach() for k, v in losses.items()})  # read at the log line: no GPU sync per step
         if state["step"] % args.log_every == 0 or state["step"] == args.steps:
+            window = [{k: float(v) for k, v in terms.items()} for terms in window]
             log_train_window(logger, state["step"], f"step {state['step']}/{args.steps}", window,
                              time.time() - t_window, len(window), len(window) * args.batch_size, engine.get_lr()[0])
             window, t_window = [], time.time()
         if state["step"] % eval_every == 0 or state["step"] == args.steps:
-            val = validate_unet(model, val_frames, args.threshold, device) if val_frames else None
+            val = validate_unet(model, val_pairs, args.threshold) if val_pairs else None
             state["history"].append(dict(step=state["step"], **(val or {})))
             if val:
                 logger.record(state["step"], {f"val/{k}": v for k, v in val.items()})

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -58,9 +59,10 @@ def test_unet_learns_on_held_out_frames(unet_run, small_data):
     _, val = build_splits(small_data)
     torch.manual_seed(0)
     untrained_net = baselines.UNet(8)  # at 0.5 it marks no pixel (Dice 0): compare with its best threshold
-    untrained = max(baselines.validate_unet(untrained_net, val, t, torch.device("cpu"))["mean_dice"] for t in SWEEP)
+    pairs = baselines.load_frames(val, torch.device("cpu"))
+    untrained = max(baselines.validate_unet(untrained_net, pairs, t)["mean_dice"] for t in SWEEP)
     model, meta = baselines.load_unet(unet_run)
-    trained = baselines.validate_unet(model, val, 0.5, torch.device("cpu"))["mean_dice"]
+    trained = baselines.validate_unet(model, pairs, 0.5)["mean_dice"]
     assert trained > untrained + MARGIN, (untrained, trained)
     with open(os.path.join(unet_run, "training_info.json")) as f:
         info = json.load(f)
@@ -88,6 +90,56 @@ def test_same_seed_same_weights_and_resume_is_exact(small_data, tmp_path):
     assert resumed == killed
     wr = weights(resumed)
     assert all(torch.equal(wa[k], wr[k]) for k in wa)  # BatchNorm running statistics included
+
+
+def reference_batch(images, masks, crop, batch_size, seed, step, flips, rot90):
+    """The first CropSampler.batch, per sample from uint8 frames: normalise the whole frame, crop
+    (zero-padded to the crop size), flip, rotate; whole frames padded to a multiple of 16."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    rand = lambda n: int(torch.randint(n, (1,), generator=g))
+    xs, ys = [], []
+    for _ in range(batch_size):
+        i = rand(len(images))
+        x, y = baselines.normalise(images[i]), torch.from_numpy(masks[i]).float()[None]
+        if crop:
+            h, w = x.shape[-2:]
+            top, left = rand(max(1, h - crop + 1)), rand(max(1, w - crop + 1))
+            x, y = (F.pad(t[:, top:top + crop, left:left + crop], (0, max(0, crop - w), 0, max(0, crop - h)))
+                    for t in (x, y))
+        if flips and rand(2):
+            x, y = x.flip(-1), y.flip(-1)
+        if rot90 and (k := rand(4)):
+            x, y = torch.rot90(x, k, (1, 2)), torch.rot90(y, k, (1, 2))
+        xs.append(x)
+        ys.append(y)
+    if not crop:
+        h = -(-max(t.shape[1] for t in xs) // 16) * 16
+        w = -(-max(t.shape[2] for t in xs) // 16) * 16
+        xs, ys = ([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in ts] for ts in (xs, ys))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def test_crop_sampler_gives_the_per_sample_reference_batches_bit_for_bit(tmp_path):
+    """Frames normalised once and cropped where they are held: the same batches as normalising every
+    sampled frame (crops inside the frame, crops larger than it, whole frames of several sizes)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for n, (h, w) in enumerate([(40, 52), (64, 44), (33, 70), (50, 50)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"f_{n:03d}.png")
+        Image.fromarray((rng.random((h, w)) < 0.2).astype(np.uint8) * 255).save(tmp_path / "masks" / f"f_{n:03d}.png")
+    train_frames, val_frames = build_splits(str(tmp_path), video_regex=None)
+    frames = train_frames + val_frames
+    images = [np.asarray(read_image(f.image_path)) for f in frames]
+    masks = [frame_mask(f) for f in frames]
+    settings = [(32, True, True), (48, True, True), (0, True, True), (32, False, False), (0, True, False)]
+    for crop, flips, rot90 in settings:  # 48: larger than two frames' height or width (zero-padded)
+        sampler = baselines.CropSampler(frames, crop, 5, 3, flips, rot90)
+        for step in (7, 0, 1, 2, 3):
+            x, y = sampler.batch(step)
+            rx, ry = reference_batch(images, masks, crop, 5, 3, step, flips, rot90)
+            assert x.dtype == rx.dtype == y.dtype == ry.dtype == torch.float32
+            assert torch.equal(x, rx) and torch.equal(y, ry), (crop, flips, rot90, step)
 
 
 def test_odd_frame_sizes_are_padded_and_cropped_back():

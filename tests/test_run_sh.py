@@ -13,10 +13,19 @@ from common.sa2va import load_model
 from conftest import ROOT
 
 
+UNET_STEPS = 20
+# one torch thread per launched script: the tiny model's and the small U-Net's small tensors ran faster on
+# one thread here (this file at its earlier sizes: 284 s on two, 218 s on one), and two threads on two shared
+# cores can stall each other (SFT: 5 s on one thread, 130 s on two at load 4)
+ONE_THREAD = dict(OMP_NUM_THREADS="1")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("quick") / "out")
-    env = dict(os.environ, OUT=out, MAX_TRAIN="40", MAX_VAL="12", PYTHONUNBUFFERED="1")
+    # 16 train frames still give hard frames to mine and DPO pairs; the small U-Net's 20 steps (of 200) a row
+    env = dict(os.environ, OUT=out, MAX_TRAIN="16", MAX_VAL="12", UNET_STEPS=str(UNET_STEPS), PYTHONUNBUFFERED="1",
+               **ONE_THREAD)
     result = subprocess.run(["bash", "run.sh", "quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,6 +45,10 @@ def test_every_stage_checkpoint_exists_and_loads(quick_run):
     assert os.path.isfile(os.path.join(out, "pairs", "dpo_annotations.json"))
     assert os.path.isfile(os.path.join(out, "merged", "config.json"))
     assert os.path.isfile(os.path.join(out, "eval", "panel.png"))
+    (unet,) = os.listdir(os.path.join(out, "unet"))
+    with open(os.path.join(out, "unet", unet, "training_info.json")) as f:
+        args = json.load(f)["args"]
+    assert (args["preset"], args["steps"], args["max_train_samples"]) == ("small", UNET_STEPS, 16)
 
 
 def test_stage_table_comes_from_the_evaluation_files(quick_run):
@@ -93,7 +106,7 @@ def test_full_preset_on_a_model_folder_runs_every_stage_with_the_mission_setting
     # every stage but video (it takes no preset setting; the quick run covers it)
     # BASELINES=0: the full preset's strong U-Net is GPU work (the quick run covers the baselines)
     env = dict(os.environ, MODEL=tiny_folder, DATA=synth_data, OUT=out, MAX_TRAIN="8", MAX_VAL="4",
-               STAGES="sft,dpo,hard,ppo,eval,merge", BASELINES="0", PYTHONUNBUFFERED="1")
+               STAGES="sft,dpo,hard,ppo,eval,merge", BASELINES="0", PYTHONUNBUFFERED="1", **ONE_THREAD)
     result = subprocess.run(["bash", "run.sh", "full"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
