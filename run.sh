@@ -246,7 +246,8 @@ print(m == 'tiny-qwenvl' or (os.path.isfile(f'{m}/config.json') and folder_famil
     [ -f "$OUT/mine_val/hard_samples.json" ] || \
       "$PYTHON" mine_hard.py "${COMMON[@]}" --data "$DATA" --init "$HARD" --split val --output "$OUT/mine_val" \
         "${MINE_ARGS[@]}"
-    "$PYTHON" evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --checkpoints "sft=$SFT" \
+    "$PYTHON" evaluate.py --model "$MODEL" --data "$DATA" --max_val_samples "$MAX_VAL" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --seed "$SEED" \
+      --checkpoints "sft=$SFT" \
       "hard=$HARD" --video_mode --hard_clusters "$OUT/mine_val/hard_samples.json" --output "$OUT/eval_video" \
       --overlays 0 --no_cldice
   fi
