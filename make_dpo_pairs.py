@@ -199,7 +199,8 @@ def packed(side):
 
 
 def write_output(args, records, summary):
-    """Write the pairs folder under <output>.tmp and rename it into place."""
+    """Write the pairs folder under <output>.tmp and rename it into place (without a pairs file
+    when no pair passed)."""
     final = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     # this run's own temporary folder: two runs into one --output must not write into one `.tmp`
@@ -227,9 +228,10 @@ def write_output(args, records, summary):
                          **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
                             for side in ("chosen", "rejected") for k in SCORE_PARTS})
         entries.append(entry)
-    write_json(os.path.join(tmp, PAIRS_FILE), entries)
+    if entries:  # none passed: summary.json alone, its `skipped` says why
+        write_json(os.path.join(tmp, PAIRS_FILE), entries)
+        load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
     write_json(os.path.join(tmp, "summary.json"), summary)
-    load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
     publish_folder(tmp, final, args.overwrite)  # pairs another run published meanwhile are never removed
     return entries
 
@@ -300,8 +302,10 @@ def main(args):
             reasons[k] = reasons.get(k, 0) + v
     summary = summarize(args, records, reasons, len(frames))
     if not records:
-        raise SystemExit(f"no pair passed (skipped: {reasons}); lower --min_iou_gap, raise --num_samples or "
-                         f"--temperature, or check the model")
+        if is_main():  # an empty pairs folder whose summary.json says why (run.sh then skips DPO)
+            write_output(args, records, summary)
+        raise SystemExit(f"no pair passed (skipped: {reasons}; {os.path.join(args.output, 'summary.json')}); lower "
+                         f"--min_iou_gap, raise --num_samples or --temperature, or check the model")
     if is_main():
         write_output(args, records, summary)
         print0(f"wrote {len(records)} pairs of {summary['images_with_pairs']}/{len(frames)} images to "

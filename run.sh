@@ -30,6 +30,8 @@
 #   ENGINE     engine of the training scripts under the deepspeed launcher: torch (default; plain-torch data
 #              parallel, fused AdamW: the faster step for LoRA, README "Performance") or deepspeed (ZeRO)
 #   ZERO_STAGE DeepSpeed ZeRO stage with ENGINE=deepspeed (default 2); BF16=1 for bf16
+#   SAM_ENCODER=1  SFT also trains SAM2's image encoder (--trainable ...,sam_encoder); default 1 for the real preset
+#              with the embedded model, 0 otherwise (README "Real images")
 #   CURRICULUM=area  SFT and hard training with --curriculum area (large vessels first; CURRICULUM_PHASES, default 3)
 #   COMPILE=1  SFT with --compile (torch.compile of the LLM's decoder layers; GPU: 1.5x on the LLM step)
 #   MAX_TRAIN, MAX_VAL  caps on frames (default: preset's)
@@ -88,9 +90,15 @@ fi
 # argument lists are bash arrays: every path keeps its spaces (${A[@]+"${A[@]}"}: an empty array
 # under set -u on bash < 4.4)
 if [ "$TINY" = 1 ]; then
-  # a 0.6M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run"); on a
-  # small real folder it needs more passes (README, "Real images": 20 epochs of 16 DRIVE frames)
-  SFT_ARGS=(--epochs "$([ "$PRESET" = real ] && echo 20 || echo 8)" --lr 3e-3 --lora_preset small)
+  # a 1.9M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run"); on a
+  # small real folder it needs more passes, its encoder trained and flipped / rotated frames (README,
+  # "Real images": 100 epochs of 16 DRIVE frames)
+  if [ "$PRESET" = real ]; then
+    SFT_ARGS=(--epochs 100 --lr 1e-3 --augment --lora_preset small)
+    SAM_ENCODER=${SAM_ENCODER:-1}
+  else
+    SFT_ARGS=(--epochs 8 --lr 3e-3 --lora_preset small)
+  fi
   DPO_ARGS=(--epochs 1 --lr 3e-4 --beta 100 --grad_accum 1)  # beta: README, "DPO"
   HARD_ARGS=(--epochs 5 --lr 1e-3)
   HARD_DICE=0.75  # the mission's: the pretrained tiny model scores ~0.7-0.8 on the synthetic videos
@@ -103,6 +111,7 @@ else
   PPO_ARGS=(--epochs 1 --lr 1e-5)
 fi
 MINE_ARGS=(--threshold_hard "$HARD_DICE")
+[ "${SAM_ENCODER:-0}" = 1 ] && SFT_ARGS+=(--trainable lora,text_hidden_fcs,mask_decoder,sam_encoder)
 if [ -n "${CURRICULUM:-}" ]; then
   SFT_ARGS+=(--curriculum "$CURRICULUM" --curriculum_phases "${CURRICULUM_PHASES:-3}")
   HARD_ARGS+=(--curriculum "$CURRICULUM" --curriculum_phases "${CURRICULUM_PHASES:-3}")
@@ -136,6 +145,7 @@ if [ "$TINY" = 1 ] && [ "$GPUS" = 0 ] && [ "$PRESET" = quick ]; then
 fi
 
 banner() { printf '\n==== %s ====\n' "$*"; }
+json_value() { "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 # a stage's run folder: the newest <OUT>/<stage>/<stage>_* (empty when none)
 run_dir() { ls -d "$OUT/$1/$1"_* 2>/dev/null | sort | tail -n 1 || true; }
@@ -185,20 +195,32 @@ SFT=$(run_dir sft)/best
 
 if wants dpo; then
   banner "stage 2: DPO pairs (the SFT model's own masks, greedy + sampled, ranked by IoU to the GT: best chosen, worst rejected) and DPO"
-  [ -f "$OUT/pairs/dpo_annotations.json" ] || \
-    "$PYTHON" make_dpo_pairs.py "${COMMON[@]}" --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs"
-  train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" "${DPO_ARGS[@]}"
+  # no pair passing the IoU gap (a model whose samples agree) leaves summary.json alone: nothing to learn from
+  [ -f "$OUT/pairs/summary.json" ] || \
+    "$PYTHON" make_dpo_pairs.py "${COMMON[@]}" --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs" || \
+    [ -f "$OUT/pairs/summary.json" ]
+  if [ "$(json_value "$OUT/pairs/summary.json" pairs)" -gt 0 ]; then
+    train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" "${DPO_ARGS[@]}"
+  else
+    echo "dpo: skipped, no preference pair ($OUT/pairs/summary.json); the dpo row is its start, the SFT checkpoint"
+  fi
 fi
 DPO=$(run_dir dpo)/best
+[ -f "$DPO/stage.json" ] || DPO=$SFT  # skipped: the next stage starts where DPO would have
 
 if wants hard; then
   banner "stage 3: hard-sample mining (Dice < $HARD_DICE$([ "${STILL_IMAGES:-0}" = 1 ] || echo ', temporal clusters')) and hard training"
   [ -f "$OUT/mine/hard_samples.json" ] || \
     "$PYTHON" mine_hard.py "${COMMON[@]}" --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot \
       "${MINE_ARGS[@]}"
-  train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" "${MINE_ARGS[@]}" "${HARD_ARGS[@]}"
+  if [ "$(json_value "$OUT/mine/hard_samples.json" hard_count)" -gt 0 ]; then
+    train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" "${MINE_ARGS[@]}" "${HARD_ARGS[@]}"
+  else
+    echo "hard: skipped, no train frame below Dice $HARD_DICE ($OUT/mine/hard_samples.json); the hard row is its start"
+  fi
 fi
 HARD=$(run_dir hard)/best
+[ -f "$HARD/stage.json" ] || HARD=$DPO
 
 if wants ppo; then
   banner "RL alternative: PPO with segmentation rewards, from the SFT model"

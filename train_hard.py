@@ -36,7 +36,7 @@ from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, g
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
-from common.lora import base_fingerprint, read_stage_meta, save_stage
+from common.lora import base_fingerprint, save_stage
 from common.losses import segmentation_loss
 from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
 
@@ -230,9 +230,6 @@ def main(args):
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    # the checkpoint must stand alone: keep what the init trained (prompt encoder, say) next to our parts
-    init_parts = read_stage_meta(args.init).get("trained_parts", []) if args.init else []
-    save_parts = parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
                                             args.max_val_samples, args.video_regex, args.resize_masks,
@@ -299,7 +296,7 @@ def main(args):
         if val["val"]["mean_dice"] > state["best_dice"]:
             state["best_dice"], state["best_epoch"] = val["val"]["mean_dice"], epoch
             if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), save_parts, meta(epoch, val), gather_for_save(engine))
+                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
 
     # ---- resume, or score the val split once with the starting model (hard/easy parts)
     if args.resume:
@@ -393,7 +390,7 @@ def main(args):
     # ---- final save and summary
     final_val = state["history"][-1] if state["history"] else {}
     if is_main():
-        save_stage(model, os.path.join(run_dir, "final"), save_parts, meta(len(state["history"]), final_val),
+        save_stage(model, os.path.join(run_dir, "final"), parts, meta(len(state["history"]), final_val),
                    gather_for_save(engine))
         write_json(os.path.join(run_dir, "training_info.json"), dict(
             stage=STAGE, args=vars(args), hard_list=dict(path=args.hard_list, init=hard_spec.get("init"),

@@ -84,7 +84,7 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
-    cache = FeatureCache(device, args.feature_cache_gb)  # SAM2 image features never change
+    cache = FeatureCache(device, args.feature_cache_gb)  # frozen work, once per sample
 
     # ---- resume
     state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[], bad_steps=0)

@@ -99,7 +99,8 @@ def add_train_args(p, lr, epochs, batch_size, grad_accum, weight_decay, trainabl
     g.add_argument("--warmup_ratio", type=float, default=0.03, help="share of optimizer steps with linear warm-up")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
     g.add_argument("--trainable", default=trainable,
-                   help="comma list of trained parts: lora, llm, text_hidden_fcs, mask_decoder, prompt_encoder, mlp1, vision")
+                   help="comma list of trained parts: lora, llm, text_hidden_fcs, mask_decoder, prompt_encoder, mlp1, vision, "
+                        "sam_encoder (SAM2's image encoder: README, \"Real images\")")
     g.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
     g.add_argument("--save_every", type=int, default=0, help="optimizer steps between resume checkpoints (0 = each epoch)")
     g.add_argument("--resume", default=None, help="run folder of a killed run to continue from its last checkpoint")
@@ -287,14 +288,18 @@ def compile_decoder_layers(llm, backend="inductor"):
 
 
 def setup_model(args, log=print):
-    """Base model + optional --init stage + optional new LoRA + the trainable parts."""
+    """Base model + optional --init stage + optional new LoRA + the trainable parts. Returns the
+    model, its tokenizer and the parts its checkpoints hold: the trained ones and those the --init
+    checkpoint holds (a stage checkpoint stands on the base model alone)."""
     # bf16 runs load bf16 weights: a 26B model in fp32 would need ~100 GB of host memory per
     # process. What trains is cast back to fp32 below (plain torch keeps fp32 masters and
     # autocasts; DeepSpeed bf16 keeps its own fp32 masters)
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, seed=args.seed)
+    init_parts = []
     if getattr(args, "init", None):
         meta = load_stage(model, args.init, trainable_lora="lora" in args.trainable.split(","))
-        log(f"init: {args.init} (stage {meta.get('stage')}, parts {meta.get('trained_parts')})")
+        init_parts = meta.get("trained_parts", [])
+        log(f"init: {args.init} (stage {meta.get('stage')}, parts {init_parts})")
     preset = getattr(args, "lora_preset", "none")
     if preset != "none" and not has_lora(model):
         rank, alpha = LORA_PRESETS[preset]
@@ -316,4 +321,4 @@ def setup_model(args, log=print):
         log(f"torch.compile: {compile_decoder_layers(llm_module(model))} LLM decoder layers")
     trainable, total = count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
-    return model, tokenizer, parts
+    return model, tokenizer, parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]

@@ -9,7 +9,7 @@ position of `[SEG]` (the same state `predict_forward` reads from `generate`), pr
 
     tiles -> vision_model -> pixel shuffle -> mlp1 -> spliced at <IMG_CONTEXT> positions
     LLM(inputs_embeds) -> hidden[-1][SEG position] -> text_hidden_fcs -> (B, 256)
-    SAM2 image encoder (frozen) -> conv_s0/conv_s1, + no_mem_embed -> _forward_sam_heads
+    SAM2 image encoder (frozen unless `sam_encoder` trains) -> conv_s0/conv_s1, + no_mem_embed -> _forward_sam_heads
     -> low-res logits (B, 1, S/4, S/4) -> bilinear to S x S -> bilinear to H x W
 
 The Qwen-VL family (`Sa2VAChatModelQwen`) differs only before the [SEG] state: the model's own
@@ -22,9 +22,9 @@ The last two resizes are the released inference's (`propagate_in_video` returns 
 `sample_masks` draws binary masks from the model's own per-pixel distribution (DPO pairs from
 on-policy samples, and hard mining by how much the samples disagree).
 
-Frozen work is cached: the SAM2 image encoder never trains, and when the LLM side is
-frozen (stages 2 and 3 train only `text_hidden_fcs` + the mask decoder) the [SEG] hidden
-state of a sample is a constant too (`FeatureCache`).
+Frozen work is cached: the SAM2 image encoder's maps unless it trains (the `sam_encoder` part,
+off by default), and when the LLM side is frozen (stages 2 and 3 train only `text_hidden_fcs` +
+the mask decoder) the [SEG] hidden state of a sample, which is a constant then (`FeatureCache`).
 """
 import contextlib
 import math
@@ -120,22 +120,29 @@ def sam_autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@torch.no_grad()
+def sam_encoder_is_frozen(model):
+    return not requires_grad(model.grounding_encoder.sam2_model.image_encoder)
+
+
 def sam_image_features(model, g_pixel_values):
-    """The frozen SAM2 image encoder: its FPN maps (highest resolution first).
+    """The SAM2 image encoder: its FPN maps (highest resolution first), with autograd only when
+    the encoder trains (`sam_encoder`: a domain far from SA-1B/SA-V, README "Real images").
 
     `g_pixel_values` are the processor's resized uint8 images (B, 3, S, S); they are normalised
     here by the model's own `preprocess_image` in the encoder's dtype, which is exactly what
     predict_forward does (the released one uses bf16 mean/std constants). Float input is taken
     as already normalised."""
     encoder = model.grounding_encoder
-    dtype = model_dtype(encoder.sam2_model.image_encoder)
+    image_encoder = encoder.sam2_model.image_encoder
+    dtype = model_dtype(image_encoder)
+    trains = torch.is_grad_enabled() and not sam_encoder_is_frozen(model)
     x = g_pixel_values
-    if not x.is_floating_point():
-        x = encoder.preprocess_image(x.to(dtype))
-    with sam_autocast(x.device):
-        out = encoder.sam2_model.image_encoder(x.to(dtype))
-    return [f.detach() for f in out["backbone_fpn"]]
+    with torch.set_grad_enabled(trains):
+        if not x.is_floating_point():
+            x = encoder.preprocess_image(x.to(dtype))
+        with sam_autocast(x.device):
+            out = image_encoder(x.to(dtype))
+    return list(out["backbone_fpn"]) if trains else [f.detach() for f in out["backbone_fpn"]]
 
 
 def decode_masks(model, seg_embeds, fpn):
@@ -166,9 +173,9 @@ def upsample_logits(low_res, size, sam_image_size):
 class FeatureCache:
     """Per-sample constants of the forward path, keyed by the sample's key.
 
-    Always the SAM2 FPN maps (the image encoder never trains). When `llm_is_frozen(model)`,
-    the [SEG] hidden state; otherwise, when the vision encoder and mlp1 are frozen (stage 1
-    trains LoRA only), their image embeddings (~1 MB per 448 px tile at 2048 hidden, bf16).
+    The SAM2 FPN maps while the image encoder is frozen (unless `sam_encoder` trains). When
+    `llm_is_frozen(model)`, the [SEG] hidden state; otherwise, when the vision encoder and mlp1
+    are frozen (stage 1 trains LoRA only), their image embeddings (~1 MB per 448 px tile at 2048 hidden, bf16).
     Entries live on `device` (the GPU when it fits, else "cpu"); keys must identify sample +
     prompt + answer + augmentation view."""
 
@@ -222,7 +229,7 @@ class FeatureCache:
 
 def forward_batch(model, batch, cache=None, with_text_logits=False):
     """Batch -> dict(low_res_logits (B,1,h,w) float32, seg_embeds (B,C), text (logits, labels) or None,
-    image_features (B,C,h',w'): SAM2's lowest-resolution FPN map, frozen, e.g. for train_ppo's critic).
+    image_features (B,C,h',w'): SAM2's lowest-resolution FPN map, e.g. for train_ppo's critic).
 
     Only parameters that require grad get gradients; frozen parts run without autograd and,
     given a cache, only once per sample."""
@@ -239,10 +246,11 @@ def forward_batch(model, batch, cache=None, with_text_logits=False):
                                            cache if use_cache and not frozen_llm else None)
         if use_cache and frozen_llm:
             cache.put("seg_hidden", keys, seg_hidden)
-    fpn = cache.get("fpn", keys, device) if use_cache else None
+    cache_fpn = use_cache and sam_encoder_is_frozen(model)
+    fpn = cache.get("fpn", keys, device) if cache_fpn else None
     if fpn is None:
         fpn = sam_image_features(model, batch["g_pixel_values"])
-        if use_cache:
+        if cache_fpn:
             cache.put("fpn", keys, [[level[i] for level in fpn] for i in range(len(keys))])
     seg_embeds = model.text_hidden_fcs(seg_hidden.to(model_dtype(model.text_hidden_fcs)))
     low_res = decode_masks(model, seg_embeds, fpn)

@@ -42,6 +42,7 @@ PARTS = {
     "text_hidden_fcs": ("text_hidden_fcs.",),
     "mask_decoder": ("grounding_encoder.sam2_model.sam_mask_decoder.",),
     "prompt_encoder": ("grounding_encoder.sam2_model.sam_prompt_encoder.",),
+    "sam_encoder": ("grounding_encoder.sam2_model.image_encoder.",),
     "mlp1": ("mlp1.",),
     "vision": ("vision_model.",),
 }

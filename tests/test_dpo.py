@@ -312,6 +312,24 @@ def test_from_predictions_mode(synth_data, tmp_path):
     assert all(p["chosen_mask_path"].startswith(str(tmp_path / "thin")) for p in pairs)  # referenced, not copied
 
 
+def test_no_pair_passing_leaves_a_summary_that_says_why(synth_data, tmp_path):
+    """Two methods that agree give no pair: the run fails loudly, and the folder holds summary.json
+    alone (pairs 0 and the reasons), which run.sh reads to skip DPO instead of stopping."""
+    train, _ = build_splits(synth_data)
+    for f in train[:4]:
+        for method in ("a", "b"):
+            _png(str(tmp_path / method / f"{f.key}.png"), (np.asarray(Image.open(f.mask_path)) > 0) * 255)
+    out = tmp_path / "pairs"
+    args = make_dpo_pairs.parse_args(["--mode", "from_predictions", "--data", synth_data, "--output", str(out),
+                                      "--predictions", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    with pytest.raises(SystemExit, match="no pair passed"):
+        make_dpo_pairs.main(args)
+    assert sorted(os.listdir(out)) == ["masks", "summary.json"]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["pairs"] == 0 and summary["skipped"]["iou gap below --min_iou_gap"] == 4
+
+
 def test_from_predictions_ranked_by_topology(synth_data, tmp_path):
     """The same two 'methods', one of them also cut into pieces: ranked by dice_topology the file records
     each side's score, Dice, clDice and Betti-0 error, and its gaps are the differences of its scores."""

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import setup_model
 from common.data import VesselDataset, build_splits
 from common.forward import FeatureCache, decode_masks, forward_batch, full_size_logits, llm_forward, sam_image_features
-from common.lora import apply_lora, set_trainable
+from common.lora import apply_lora, load_stage, save_stage, set_trainable
 from common.losses import segmentation_loss
 from common.sa2va import DEFAULT_PROMPT, Sa2VAProcessor, describe, load_model
 
@@ -14,7 +15,7 @@ from common.sa2va import DEFAULT_PROMPT, Sa2VAProcessor, describe, load_model
 @pytest.fixture(scope="module")
 def tiny():
     model, tokenizer = load_model("tiny")
-    return model.eval(), tokenizer
+    return model.eval().requires_grad_(False), tokenizer  # inference: nothing trains
 
 
 def samples(synth_data, n=3):
@@ -121,6 +122,48 @@ def test_sft_cache_serves_frozen_encoders_with_equal_loss_and_gradients(synth_da
     assert len(served[1]) == len(reference[1]) > 0
     for g, g_ref in zip(served[1], reference[1]):
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_trained_sam_encoder_learns_skips_the_cache_and_round_trips(synth_data, tmp_path):
+    """`sam_encoder` (README, "Real images"): gradients reach SAM2's image encoder, its maps are
+    never served from the cache (they change with every step), and a stage checkpoint carries
+    the trained encoder exactly."""
+    model, tokenizer = load_model("tiny")
+    parts = ["text_hidden_fcs", "mask_decoder", "sam_encoder"]
+    set_trainable(model, parts)
+    encoder = model.grounding_encoder.sam2_model.image_encoder
+    start = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    batch = Sa2VAProcessor(describe(model, tokenizer), tokenizer)(samples(synth_data, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    cache = FeatureCache("cpu", 1.0)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        out = forward_batch(model, batch, cache)
+        segmentation_loss(full_size_logits(model, out["low_res_logits"], batch["image_sizes"]),
+                          [m.float() for m in batch["masks"]])["loss"].backward()
+        assert all(p.grad is not None for p in encoder.parameters())
+        optimizer.step()
+    assert len(cache.fpn) == 0 and cache.hits["fpn"] == cache.misses["fpn"] == 0
+    assert cache.hits["seg_hidden"] == 2  # the LLM side is frozen here: its [SEG] state is still served
+    assert all(not torch.equal(p, start[n]) for n, p in encoder.named_parameters())
+
+    save_stage(model, str(tmp_path / "stage"), parts, {})
+    reloaded, _ = load_model("tiny")
+    load_stage(reloaded, str(tmp_path / "stage"))
+    for (name, p), q in zip(encoder.named_parameters(), reloaded.grounding_encoder.sam2_model.image_encoder.parameters()):
+        assert torch.equal(p, q), name
+
+    # a later stage from it (DPO, PPO: mask decoder only) keeps the trained encoder in its checkpoint
+    import train_dpo
+    args = train_dpo.parse_args(["--data", synth_data, "--pairs", str(tmp_path), "--init", str(tmp_path / "stage"),
+                                 "--trainable", "text_hidden_fcs,mask_decoder", "--output", str(tmp_path)])
+    later, _, later_parts = setup_model(args, log=lambda line: None)
+    assert later_parts == ["text_hidden_fcs", "mask_decoder", "sam_encoder"]
+    save_stage(later, str(tmp_path / "later"), later_parts, {})
+    reloaded, _ = load_model("tiny")
+    load_stage(reloaded, str(tmp_path / "later"))
+    for (name, p), q in zip(encoder.named_parameters(), reloaded.grounding_encoder.sam2_model.image_encoder.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_generate_path_gives_no_gradient(synth_data):
