@@ -45,8 +45,8 @@ from common import cli
 from common import baselines
 from common.data import (ANNOTATIONS_FILE, DataError, EvalSampler, VesselDataset, describe_split, file_names,
                          list_images, no_images_error, parse_video, read_image, select_split)
-from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
-                           write_json)
+from common.engine import all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything
+from common.files import write_json
 from common.evaluation import (METRICS, frame_record, gather_records, predict_probabilities, score_loader, score_videos,
                                summarize, video_probabilities)
 from common.forward import move_batch

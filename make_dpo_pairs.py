@@ -38,7 +38,6 @@ quantiles, the arguments).
 """
 import contextlib
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -48,8 +47,8 @@ from tqdm import tqdm
 from common import cli
 from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_frames, check_masks, frame_mask,
                          list_images, load_splits, read_mask, scan_folder)
-from common.engine import (all_gather_objects, cleanup, init_distributed, is_main, print0, publish_folder,
-                           seed_everything, write_json)
+from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything
+from common.files import atomic_folder, write_json
 from common.evaluation import predict_probabilities
 from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
                             sample_masks)
@@ -199,39 +198,34 @@ def packed(side):
 
 
 def write_output(args, records, summary):
-    """Write the pairs folder under <output>.tmp and rename it into place."""
+    """Write the pairs folder whole (pairs another run published meanwhile are never removed)."""
     final = os.path.abspath(args.output)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    # this run's own temporary folder: two runs into one --output must not write into one `.tmp`
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    os.makedirs(os.path.join(tmp, "masks"))
-    entries = []
-    for r in records:
-        entry = dict(image=os.path.relpath(r["image_path"], final))
-        for side in ("chosen", "rejected"):
-            s = r[side]
-            if "path" in s:  # an existing file (ground truth, a prediction folder): referenced, not copied
-                entry[f"{side}_mask"] = os.path.relpath(s["path"], final)
-            else:
-                name = os.path.join("masks", f"{r['stem']}__{s['tag']}.png")
-                if not os.path.exists(os.path.join(tmp, name)):
-                    mask = np.unpackbits(s["bits"], count=int(np.prod(s["shape"]))).reshape(s["shape"])
-                    Image.fromarray(mask * np.uint8(255)).save(os.path.join(tmp, name))
-                entry[f"{side}_mask"] = name
-        entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
-                     iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
-        if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
-            entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"], rejected_score=r["rejected"]["score"],
-                         score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
-                         **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
-                            for side in ("chosen", "rejected") for k in SCORE_PARTS})
-        entries.append(entry)
-    write_json(os.path.join(tmp, PAIRS_FILE), entries)
-    write_json(os.path.join(tmp, "summary.json"), summary)
-    load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
-    publish_folder(tmp, final, args.overwrite)  # pairs another run published meanwhile are never removed
-    return entries
+    with atomic_folder(final, args.overwrite) as tmp:
+        os.makedirs(os.path.join(tmp, "masks"))
+        entries = []
+        for r in records:
+            entry = dict(image=os.path.relpath(r["image_path"], final))
+            for side in ("chosen", "rejected"):
+                s = r[side]
+                if "path" in s:  # an existing file (ground truth, a prediction folder): referenced, not copied
+                    entry[f"{side}_mask"] = os.path.relpath(s["path"], final)
+                else:
+                    name = os.path.join("masks", f"{r['stem']}__{s['tag']}.png")
+                    if not os.path.exists(os.path.join(tmp, name)):
+                        mask = np.unpackbits(s["bits"], count=int(np.prod(s["shape"]))).reshape(s["shape"])
+                        Image.fromarray(mask * np.uint8(255)).save(os.path.join(tmp, name))
+                    entry[f"{side}_mask"] = name
+            entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
+                         iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
+            if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
+                entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"], rejected_score=r["rejected"]["score"],
+                             score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
+                             **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
+                                for side in ("chosen", "rejected") for k in SCORE_PARTS})
+            entries.append(entry)
+        write_json(os.path.join(tmp, PAIRS_FILE), entries)
+        write_json(os.path.join(tmp, "summary.json"), summary)
+        load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
 
 
 def gap_summary(gaps, low):

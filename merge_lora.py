@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import cli
-from common.engine import publish_folder, write_json
+from common.files import atomic_folder, current_umask, write_json
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, has_lora, load_stage, parts_of, read_stage_meta
 from common.sa2va import (TINY_MODELS, CheckpointError, Sa2VAProcessor, describe, llm_module, load_model,
@@ -77,12 +76,6 @@ def base_weights(folder):
             for key in f.keys():
                 out[key] = (shard, ST_DTYPES.get(f.get_slice(key).get_dtype()))
     return out
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def load_dtype(args):
@@ -167,11 +160,9 @@ def main(args):
         prefixes += parts["llm"]
     trained_keys = {k for k in model.state_dict() if k.startswith(prefixes)}
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="merge_", dir=parent)  # dot-free: remote code is imported by folder name
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; publish it like any folder
-    try:
+    # a merge another run published meanwhile is never removed; the temporary folder's name is dot-free:
+    # remote code is imported by folder name
+    with atomic_folder(out, args.overwrite, prefix="merge_") as tmp:
         override = DTYPES[args.dtype] if args.dtype != "auto" else None
         if released:
             n_keys, n_skipped = write_released(model, args.base_model, tmp, override, trained_keys)
@@ -208,10 +199,6 @@ def main(args):
         for f in os.listdir(tmp):  # safetensors writes 0600 files; publish them like the base's
             if os.path.isfile(os.path.join(tmp, f)):
                 os.chmod(os.path.join(tmp, f), 0o666 & ~current_umask())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, out, args.overwrite)  # a merge another run published meanwhile is never removed
     print(f"merged {args.lora_weights} into {args.base_model} -> {out} ({n_keys} weights, {info['wall_s']:.0f} s)")
     return info
 

@@ -65,7 +65,8 @@ from common import cli
 from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
-                           save_trainer_state, start_run, versions, write_json)
+                           save_trainer_state, start_run, versions)
+from common.files import write_json
 from common.evaluation import collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage

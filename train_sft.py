@@ -22,7 +22,8 @@ from common import cli
 from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, area_curriculum,
                          build_splits, describe_split)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
+                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
+from common.files import write_json
 from common.evaluation import collapse_warning, validate
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage

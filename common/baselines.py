@@ -34,7 +34,6 @@ training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume). `eval
 import argparse
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -46,8 +45,9 @@ from tqdm import tqdm
 
 from common.data import (DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, build_splits, frame_mask,
                          read_image)
-from common.engine import (RunLogger, publish_folder, build_engine, load_trainer_state, log_train_window, make_run_dir,
-                           save_trainer_state, seed_everything, write_json)
+from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
+                           save_trainer_state, seed_everything)
+from common.files import atomic_folder, write_json
 from common.losses import segmentation_loss
 from common.rewards import overlap_metrics
 
@@ -249,14 +249,12 @@ class CropSampler:
 
 
 def save_unet(model, out_dir, meta):
-    """best/ or final/: unet.safetensors + unet.json, written to `<dir>.tmp` and swapped in, so a
-    killed run never leaves a half checkpoint (as common.lora.save_stage)."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, UNET_FILE))
-    write_json(os.path.join(tmp, UNET_META), meta)
-    publish_folder(tmp, out_dir, overwrite=True)
+    """best/ or final/: unet.safetensors + unet.json, written whole and swapped in, so a killed run
+    never leaves a half checkpoint (as common.lora.save_stage)."""
+    with atomic_folder(out_dir, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, UNET_FILE))
+        write_json(os.path.join(tmp, UNET_META), meta)
 
 
 def unet_checkpoint(path):

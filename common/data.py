@@ -73,7 +73,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -81,6 +80,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from common.files import atomic_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_REGEX = r"^(?P<video>.+?)_(?:frame_?)?(?P<frame>\d+)$"
@@ -905,10 +906,7 @@ def to_masks(root, out=None, allow_empty_annotations=False):
     if os.path.exists(out):
         raise DataError(f"{out}: already exists; remove it or pick another --out")
     frames = scan_folder(root, data_format="annotations", allow_empty_annotations=allow_empty_annotations)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=os.path.dirname(out))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    with atomic_folder(out) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
         os.makedirs(os.path.join(tmp, "masks"))
         for f in tqdm(frames, desc=f"writing {out}", leave=False, disable=len(frames) < 200):
@@ -920,10 +918,6 @@ def to_masks(root, out=None, allow_empty_annotations=False):
             Image.fromarray(frame_mask(f).astype(np.uint8) * 255).save(os.path.join(tmp, "masks", f.key + ".png"))
         if os.path.isfile(os.path.join(root, SPLITS_FILE)):
             shutil.copy2(os.path.join(root, SPLITS_FILE), os.path.join(tmp, SPLITS_FILE))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, len(frames)
 
 

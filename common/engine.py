@@ -18,10 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked (an output another run holds, --resume with other arguments);
-    the message says what and why."""
+from common.files import RunError, write_json
 
 
 # ---------------------------------------------------------------- processes
@@ -477,45 +474,3 @@ def versions():
     import transformers
     return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__)
-
-
-def write_json(path, obj, overwrite=True):
-    """Atomic JSON write: a temporary file of this process (two runs writing one path must not
-    share it), then renamed. overwrite=False refuses an existing `path` (RunError), atomically:
-    of two runs publishing one file, exactly one succeeds. (os.urandom, not `random`: a save must not
-    move the run's seeded RNG.)"""
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    with open(tmp, "x") as f:
-        json.dump(obj, f, indent=2, default=str)
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails when path exists, unlike a rename
-    except FileExistsError:
-        raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if os.path.exists(path):
-            raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def publish_folder(tmp, final, overwrite=False):
-    """Rename the finished folder `tmp` to `final`. An existing `final` is replaced only with
-    `overwrite` (moved aside first, removed once the new one is in place); otherwise RunError, and
-    `tmp` is kept so that nothing is lost: another run published `final` after this one started."""
-    if os.path.exists(final):
-        if not overwrite:
-            raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}")
-        old = f"{final}.old.{os.getpid()}.{os.urandom(4).hex()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, final)
-    except OSError:  # created meanwhile (a non-empty folder cannot be renamed over)
-        raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}") from None

@@ -5,17 +5,17 @@ SFT -> DPO -> hard by `--init`):
     adapter_config.json, adapter_model.safetensors   the PEFT adapter of the LLM (if any)
     trained_parts.safetensors                         text_hidden_fcs, mask decoder, ... weights
     stage.json                                        base model, its fingerprint, parts, run args
-It is written to `<dir>.tmp` and renamed, so a killed run never leaves a half checkpoint.
+It is written to a temporary folder and renamed, so a killed run never leaves a half checkpoint.
 """
 import hashlib
 import json
 import os
-import shutil
+from contextlib import nullcontext
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.engine import publish_folder
+from common.files import atomic_folder, write_json
 from common.sa2va import QWENVL, CheckpointError, check_safetensors, family, llm_module, set_llm_module, unwrap_llm
 
 LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
@@ -140,26 +140,14 @@ def trained_state(model, parts):
 def save_stage(model, out_dir, parts, meta, gather=None):
     """Write a stage checkpoint atomically. `gather` is a context manager factory that makes
     partitioned (ZeRO-3) parameters whole for the save; None when they already are."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    params = list(model.parameters())
-    with gather(params) if gather else _nullcontext():
+    # best/ is replaced by a better one: swapped in whole
+    with atomic_folder(out_dir, overwrite=True) as tmp, gather(list(model.parameters())) if gather else nullcontext():
         if has_lora(model):
             llm_module(model).save_pretrained(tmp)
         save_file(trained_state(model, parts), os.path.join(tmp, PARTS_FILE))
-    with open(os.path.join(tmp, STAGE_FILE), "w") as f:
-        json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model), family=family(model),
-                       seg_hidden_state=getattr(model, "seg_hidden_state", "post_norm")), f, indent=2, default=str)
-    publish_folder(tmp, out_dir, overwrite=True)  # best/ is replaced by a better one: swapped in whole
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        write_json(os.path.join(tmp, STAGE_FILE), dict(meta, trained_parts=list(parts), lora=has_lora(model),
+                                                       family=family(model),
+                                                       seg_hidden_state=getattr(model, "seg_hidden_state", "post_norm")))
 
 
 def read_stage_meta(ckpt_dir):
