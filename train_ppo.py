@@ -65,7 +65,7 @@ from common import cli
 from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
-                           save_trainer_state, start_run, versions)
+                           save_trainer_state, start_run, use_deepspeed, versions)
 from common.files import write_json
 from common.evaluation import collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
@@ -294,7 +294,7 @@ def validate_with_reward(model, loader, val_masks, device, args, cache, autocast
 
 def main(args):
     # ---- setup
-    check_args(args, cli.use_deepspeed(args))
+    check_args(args, use_deepspeed(args))
     reward_fn = build_reward(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 

@@ -272,11 +272,6 @@ def run_main(main, parse_args, argv=None):
         sys.exit(1)
 
 
-def use_deepspeed(args):
-    from common.engine import launched_by_deepspeed
-    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
-
-
 def compile_decoder_layers(llm, backend="inductor"):
     """torch.compile every decoder layer of the LLM in place (regional compilation: the layers share one
     compiled graph, so compiling costs about one layer). Returns how many were compiled."""

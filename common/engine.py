@@ -27,6 +27,11 @@ def launched_by_deepspeed():
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def use_deepspeed(args):
+    """--engine: deepspeed, torch, or auto = DeepSpeed when launched by `deepspeed`."""
+    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
+
+
 def init_distributed(use_deepspeed):
     """(rank, world_size, device). Initialises the process group when there are several
     processes (or DeepSpeed, which always wants one)."""
@@ -370,7 +375,6 @@ def load_trainer_state(engine, run_dir, state, log):
 def start_run(args, stage):
     """The setup every training script begins with: processes, seeds, run folder, logger.
     Returns (use_deepspeed, rank, world_size, device, run_dir, logger)."""
-    from common.cli import use_deepspeed
     deepspeed_on = use_deepspeed(args)
     if args.resume:  # before anything loads or is written
         check_resume_args(args.resume, args)

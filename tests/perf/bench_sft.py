@@ -34,7 +34,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_sft  # noqa: E402
 from common import cli  # noqa: E402
-from common.engine import all_gather_objects, build_engine, engine_step, init_distributed, is_main  # noqa: E402
+from common.engine import all_gather_objects, build_engine, engine_step, init_distributed, is_main, \
+    use_deepspeed  # noqa: E402
 from common.forward import FeatureCache, forward_batch, full_size_logits, image_embeddings, move_batch, \
     sam_image_features  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
@@ -140,7 +141,7 @@ def main(args):
                                   "--lora_dropout", str(args.lora_dropout), "--batch_size", str(args.batch_size),
                                   "--zero_stage", str(args.zero_stage), "--num_workers", "0"]
                                  + (["--grad_ckpt"] if args.grad_ckpt else []) + (["--bf16"] if args.bf16 else []))
-    deepspeed_on = cli.use_deepspeed(targs)
+    deepspeed_on = use_deepspeed(targs)
     rank, world_size, device = init_distributed(deepspeed_on)
     torch.manual_seed(rank)
     model, tokenizer, _ = cli.setup_model(targs, log=lambda *a: None)
