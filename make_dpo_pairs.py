@@ -36,7 +36,6 @@ copied), masks/<image stem>__<tag>.png (the generated masks used by pairs; tag =
 pred, gt), summary.json (counts, gap quantiles and histogram of the ranking score, IoU-gap
 quantiles, the arguments).
 """
-import contextlib
 import os
 
 import numpy as np
@@ -52,10 +51,8 @@ from common.files import atomic_folder, write_json
 from common.evaluation import predict_probabilities
 from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
                             sample_masks)
-from common.lora import load_stage
 from common.pairs import PAIRS_FILE, load_pairs
 from common.rewards import RANK_BY, preference_scores
-from common.sa2va import Sa2VAProcessor, describe, load_model
 
 GAP_BINS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # histogram edges of the printed gap distribution
 SCORE_PARTS = ("dice", "cldice", "betti0_error")  # recorded per side when --rank_by is not iou
@@ -101,15 +98,10 @@ def parse_args(argv=None):
 def model_candidates(args, frames, rank, world_size, device):
     """{frame index: [(tag, bool mask)]} of this rank's shard: the greedy prediction, and in
     generate mode --num_samples samples. One batched forward pass per batch of images."""
-    model, tokenizer = load_model(args.model, seed=args.seed)
-    if args.init:
-        load_stage(model, args.init)
-    model.to(device).eval()
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    model, processor, autocast = cli.load_for_inference(args, args.init, device)
     dataset = VesselDataset(frames, args.resize_masks)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                          collate_fn=processor, num_workers=args.num_workers)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
     out = {}
     with torch.no_grad():  # not a decorator: building the tiny model above trains it briefly
         for batch in tqdm(loader, desc=f"{args.mode}: predicting", disable=not is_main()):
@@ -119,7 +111,7 @@ def model_candidates(args, frames, rank, world_size, device):
                 for i, index in enumerate(batch["index"].tolist()):
                     out[index] = [("pred", probs[i].cpu() > args.threshold)]
                 continue
-            with autocast() if autocast else contextlib.nullcontext():
+            with autocast():
                 low_res = forward_batch(model, batch)["low_res_logits"].float().cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 size = batch["image_sizes"][i]

@@ -36,7 +36,7 @@ from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, g
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.files import write_json
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
-from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
+from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss
 from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
@@ -269,9 +269,7 @@ def main(args):
     if state["hard"] is None:  # --mine: before the engine, to plan the schedule on the real hard count,
         # in the dtype training will use (DeepSpeed bf16 casts the module itself; plain torch autocasts)
         model.to(device=device, dtype=torch.bfloat16 if deepspeed_on and args.bf16 else None)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 and not deepspeed_on \
-            else None
-        state["hard"] = mine("mining train", autocast)
+        state["hard"] = mine("mining train", bf16_autocast(args.bf16 and not deepspeed_on, device))
     planned = len(state["hard"])  # the schedule follows the first round's size (later rounds' may differ)
     easy = sorted(set(range(len(train_frames))) - set(state["hard"]))
     n_easy = round(args.easy_ratio * len(easy))

@@ -12,7 +12,9 @@ import torch
 from common.data import CURRICULA, DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
 from common.files import RunError
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, llm_module, load_model
+from common.forward import bf16_autocast
+from common.sa2va import (DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, Sa2VAProcessor, describe,
+                          llm_module, load_model)
 
 DEBUG_ENV = "SA2VA_DEBUG"  # set to 1: errors show their Python traceback, as --debug does
 # Errors a user can fix (bad data, a bad checkpoint, an output another run holds, the file system
@@ -279,6 +281,21 @@ def compile_decoder_layers(llm, backend="inductor"):
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)
+
+
+def load_for_inference(args, init, device, bf16_weights=False, base=None):
+    """(model, processor, autocast) to score or predict with: the base model (`base`, else --model) +
+    the stage checkpoint `init`, in eval mode on `device`, and the processor of --prompt / --answer.
+    --bf16 autocasts on a GPU only (CPU bf16 kernels are slower and round differently);
+    `bf16_weights` also loads the weights in bf16 (the prediction path, as the released inference)."""
+    model, tokenizer = load_model(base or args.model, dtype=torch.bfloat16 if bf16_weights else torch.float32,
+                                  seed=args.seed)
+    if init:
+        load_stage(model, init)
+    model.to(device).eval()
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, getattr(args, "prompt", DEFAULT_PROMPT),
+                               getattr(args, "answer", DEFAULT_ANSWER))
+    return model, processor, bf16_autocast(args.bf16 and device.type == "cuda", device)
 
 
 def setup_model(args, log=print):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.files import RunError, write_json
+from common.forward import bf16_autocast
 
 
 # ---------------------------------------------------------------- processes
@@ -151,16 +152,11 @@ class TorchEngine:
     def __init__(self, model, optimizer, scheduler, grad_accum, grad_clip, bf16, device):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast = bf16_autocast(bf16, device)
         self.device = device
         self.micro_steps = 0
         self.global_steps = 0
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro_steps + 1) % self.grad_accum == 0

@@ -114,10 +114,19 @@ def internvl_hidden(model, batch, cache=None):
     return hidden, hidden[rows, batch["seg_index"]]
 
 
+def bf16_autocast(enabled, device):
+    """The project's one autocast: a factory of bf16 autocast contexts on `device` when `enabled`, of
+    do-nothing contexts otherwise (`with autocast():` either way). Training under plain torch asks for it
+    with --bf16 (TorchEngine); inference with --bf16 on a GPU (common.cli.load_for_inference)."""
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def sam_autocast(device):
     """The released inference runs SAM2 under bf16 autocast on a GPU (`language_embd_inference`);
     so does this path, or its layer norms and softmaxes would round differently."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return bf16_autocast(device.type == "cuda", device)()
 
 
 @torch.no_grad()

@@ -543,17 +543,12 @@ def write_drafts(out, stems, args):
 
     from common.evaluation import predict_probabilities
     from common.forward import move_batch
-    from common.lora import load_stage, read_stage_meta
-    from common.sa2va import Sa2VAProcessor, describe, load_model
+    from common.lora import read_stage_meta
 
     base = args.model or read_stage_meta(args.init).get("base_model") or "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.bf16 and device.type == "cuda"
-    model, tokenizer = load_model(base, dtype=torch.bfloat16 if bf16 else torch.float32, seed=args.seed)
-    load_stage(model, args.init)
-    model.to(device).eval()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None  # as evaluate.py --bf16
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
+    # as evaluate.py --predict_only: the same masks
+    model, processor, autocast = cli.load_for_inference(args, args.init, device, bf16_weights=args.bf16, base=base)
     os.makedirs(os.path.join(out, "drafts"))
     note = DRAFT_NOTE.format(checkpoint=args.init)
     info = PngImagePlugin.PngInfo()
