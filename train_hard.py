@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import (VIEWS, DataError, EvalSampler, MaskRule, VesselDataset, area_curriculum, build_splits,
-                         describe_split, dihedral, frame_mask, image_size, view_key)
+from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, area_curriculum, describe_split, dihedral,
+                         frame_mask, image_size, splits_from_args, view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.files import write_json
@@ -235,11 +235,7 @@ def main(args):
     init_parts = read_stage_meta(args.init).get("trained_parts", []) if args.init else []
     save_parts = parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     if not val_frames:
         raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda")

@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 
 from common import cli
-from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
+from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_split, splits_from_args
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
                            save_trainer_state, start_run, use_deepspeed, versions)
@@ -310,11 +310,7 @@ def main(args):
     logger.line(f"reward: {args.reward_type}, weights {reward_fn.base_weights}, recall target "
                 f"{reward_fn.recall_target}, dynamic recall {reward_fn.dynamic_recall}")
 
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from common import cli
-from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, area_curriculum,
-                         build_splits, describe_split)
+from common.data import (AugmentedViews, EvalSampler, ShardedSampler, VesselDataset, area_curriculum, describe_split,
+                         splits_from_args)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.files import write_json
@@ -53,11 +53,7 @@ def parse_args(argv=None):
 
 def main(args):
     # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
     model, tokenizer, parts = cli.setup_model(args, log=logger.line)

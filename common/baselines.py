@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common.data import (DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, build_splits, frame_mask,
-                         read_image)
+from common.data import (DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, frame_mask, read_image,
+                         splits_from_args)
 from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
                            save_trainer_state, seed_everything)
 from common.files import atomic_folder, write_json
@@ -365,11 +365,7 @@ def train_unet(args):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     run_dir = make_run_dir(args.output, STAGE, args.resume)
     logger = RunLogger(run_dir)
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     if not train_frames:
         raise SystemExit(f"{args.data}: the train split is empty; nothing to train the U-Net on")
     sampler = CropSampler(train_frames, args.crop, args.batch_size, args.seed, args.flips, args.rot90, device)

@@ -766,6 +766,14 @@ def build_splits(root, val_fraction=0.2, seed=0, max_train_samples=0, max_val_sa
     return train, val
 
 
+def splits_from_args(args):
+    """build_splits of --data with the shared data flags (common.cli.add_data_args): the training scripts'
+    (train frames, val frames)."""
+    return build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples, args.max_val_samples,
+                        args.video_regex, args.resize_masks, data_format=args.data_format,
+                        allow_empty_annotations=args.allow_empty_annotations, mask_rule=MaskRule.from_args(args))
+
+
 class ShardedSampler(torch.utils.data.Sampler):
     """Training order: a seeded permutation per epoch, split over ranks; with a `curriculum`
     (AreaCurriculum), that epoch's frames in its order instead.
