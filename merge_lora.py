@@ -31,8 +31,6 @@ from common.forward import forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, has_lora, load_stage, parts_of, read_stage_meta
 from common.sa2va import (TINY_MODELS, CheckpointError, Sa2VAProcessor, describe, llm_module, load_model,
                           set_llm_module)
-from common.tiny import TinySa2VAChatModel
-from common.tiny_qwenvl import TinySa2VAQwenVLModel, save_tiny_qwenvl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
@@ -147,7 +145,7 @@ def main(args):
         raise SystemExit(f"--output_model {out} exists; pass --overwrite to replace it")
     device, dtype = torch.device(args.device), load_dtype(args)
     model, tokenizer = load_model(args.base_model, dtype=dtype, seed=args.seed)
-    released = not isinstance(model, (TinySa2VAChatModel, TinySa2VAQwenVLModel))  # remote code: keep the base's files
+    released = type(model).__module__.startswith("transformers_modules")  # remote code: keep the base's files
     fingerprint = base_fingerprint(model)
     load_stage(model, args.lora_weights)  # refuses a checkpoint of another base model
     reference = mask_logits(model, tokenizer, args, meta, device)
@@ -166,12 +164,9 @@ def main(args):
         override = DTYPES[args.dtype] if args.dtype != "auto" else None
         if released:
             n_keys, n_skipped = write_released(model, args.base_model, tmp, override, trained_keys)
-        else:
-            if isinstance(model, TinySa2VAQwenVLModel):
-                save_tiny_qwenvl(model.to(override or dtype), tmp)  # weights + processor
-            else:
-                model.to(override or dtype).save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+        else:  # a tiny model: its weights and config, and its tokenizer (Qwen-VL family: processor)
+            model.to(override or dtype).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
             n_keys, n_skipped = len(model.state_dict()), 0
         del model
         info = dict(base_model=args.base_model, base_fingerprint=fingerprint, lora_weights=args.lora_weights,

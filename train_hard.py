@@ -39,7 +39,7 @@ from common.evaluation import METRICS, collapse_warning, score_loader, summarize
 from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss
-from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
+from common.sa2va import Sa2VAProcessor, describe, family
 
 STAGE = "hard"
 
@@ -153,7 +153,7 @@ def train_mode(model):
     (LoRA's, say) changes features that are cached as constants."""
     model.train()
     if llm_is_frozen(model):
-        for m in pre_seg_modules(model):
+        for m in family(model).pre_seg_modules(model):
             m.eval()
     model.grounding_encoder.sam2_model.image_encoder.eval()
 

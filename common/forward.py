@@ -32,8 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import qwenvl
-from common.sa2va import QWENVL, family, pre_seg_modules, unwrap_llm
+from common.sa2va import family
 
 
 def model_dtype(module):
@@ -46,44 +45,17 @@ def requires_grad(module):
 
 def llm_is_frozen(model):
     """True when nothing before the [SEG] hidden state trains (LLM, LoRA, mlp1, vision)."""
-    return not any(requires_grad(m) for m in pre_seg_modules(model))
-
-
-def vision_is_frozen(model):
-    return not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
-
-
-def image_embeddings(model, pixel_values):
-    """Vision encoder + mlp1 for all tiles of the batch: (tiles, tokens per tile, hidden)."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_is_frozen(model)):
-        return model.extract_feature(pixel_values.to(model_dtype(model.vision_model)))
-
-
-def cached_image_embeddings(model, batch, cache=None):
-    """image_embeddings of the batch, served from / stored in `cache` when the vision encoder
-    and mlp1 are frozen (their output is then a constant of the sample)."""
-    keys = batch["keys"]
-    if cache is None or not vision_is_frozen(model):
-        return image_embeddings(model, batch["pixel_values"])
-    vit = cache.get("vit", keys, batch["input_ids"].device)
-    if vit is None:
-        vit = image_embeddings(model, batch["pixel_values"])
-        tiles = ((batch["input_ids"] == model.img_context_token_id).sum(1) // vit.shape[1]).tolist()
-        cache.put("vit", keys, list(vit.split(tiles)))
-    return vit
+    return not any(requires_grad(m) for m in family(model).pre_seg_modules(model))
 
 
 def llm_forward(model, batch, with_text_logits=False, cache=None):
     """Teacher-forced LLM forward. Returns (seg_hidden (B, h), answer logits or None).
 
-    `seg_hidden` is the last layer's hidden state at each sample's [SEG] input position (InternVL
-    family: post-norm; Qwen-VL: as `model.seg_hidden_state` says). Right padding keeps every
+    `seg_hidden` is the last layer's hidden state at each sample's [SEG] input position, before or
+    after the final norm as the model's family says (`seg_convention`). Right padding keeps every
     position and the causal attention of real tokens unchanged, so a batch gives each sample's
     unbatched result."""
-    if family(model) == QWENVL:
-        hidden, seg_hidden = qwenvl.seg_hidden(model, batch)
-    else:
-        hidden, seg_hidden = internvl_hidden(model, batch, cache)
+    hidden, seg_hidden = family(model).seg_hidden(model, batch, cache)
     text_logits = None
     if with_text_logits:
         # position t predicts token t+1: keep the positions whose next token is an answer token
@@ -91,27 +63,6 @@ def llm_forward(model, batch, with_text_logits=False, cache=None):
         keep = next_labels != -100
         text_logits = (model.get_output_embeddings()(hidden[:, :-1][keep]).float(), next_labels[keep])
     return seg_hidden, text_logits
-
-
-def internvl_hidden(model, batch, cache=None):
-    """InternVL family: vision features (from `cache` when frozen) spliced at <IMG_CONTEXT>, the
-    decoder stack -> (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
-    input_ids = batch["input_ids"]
-    embed = model.get_input_embeddings()
-    input_embeds = embed(input_ids)
-    vit = cached_image_embeddings(model, batch, cache).to(input_embeds.dtype)
-    selected = (input_ids == model.img_context_token_id)[..., None]
-    if selected.sum() != vit.shape[0] * vit.shape[1]:
-        raise ValueError(f"{int(selected.sum())} <IMG_CONTEXT> tokens but {vit.shape[0] * vit.shape[1]} image "
-                         f"embeddings: the processor and the model disagree on tokens per tile")
-    input_embeds = input_embeds.masked_scatter(selected, vit)
-    # The decoder stack without lm_head: the vocabulary projection is only needed where the
-    # text loss looks (answer tokens), and at 150k words it would be most of the memory.
-    backbone = unwrap_llm(model.language_model).model
-    hidden = backbone(inputs_embeds=input_embeds, attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden, hidden[rows, batch["seg_index"]]
 
 
 def bf16_autocast(enabled, device):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from common.data import EvalSampler, ShardedSampler, VesselDataset, read_image, scan_folder
-from common.tiny import pil_to_normalized
+from common.internvl import pil_to_normalized
 from test_data import make_folder
 
 
