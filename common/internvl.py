@@ -7,8 +7,10 @@ tiles the image (`dynamic_preprocess`, ImageNet normalisation), writes `<img>` +
 (tokens per tile x tiles) + `</img>` in place of `<image>`, and splices the vision features at
 the `<IMG_CONTEXT>` positions; the [SEG] state is the last layer's output after the final norm.
 
-`FAMILY` is what the rest of the project asks (common.sa2va.family): the LLM module LoRA wraps,
-its LoRA targets, the trainable parts, the tokens a checkpoint must have, the [SEG] state.
+This module is the family object the rest of the project asks (common.sa2va.family), with the same
+names as common.qwenvl: NAME, LLM_ATTR (the module LoRA wraps), TOKENS (a checkpoint has them all),
+PARTS (trainable parts), LORA_TARGETS and lora_pattern, pre_seg_modules, seg_hidden, seg_convention
+(the [SEG] state) and predict (the released predict_forward).
 Checked against the released code: `preparing_for_generation`, `predict_forward`,
 `dynamic_preprocess`, `extract_feature`.
 """
@@ -16,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+NAME, LLM_ATTR = "internvl", "language_model"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_START, IMG_END, IMG_CONTEXT, SEG = "<img>", "</img>", "<IMG_CONTEXT>", "[SEG]"
+TOKENS = (SEG, IMG_CONTEXT, IMG_START, IMG_END)
 # The released `preparing_for_generation` sets these regardless of the config; a model that
 # carries its own (the tiny one) is read instead.
 RELEASED_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
@@ -43,36 +47,21 @@ PARTS = {
 }
 
 
-class InternVL:
-    name = "internvl"
-    llm_attr = "language_model"  # the module LoRA wraps
-    tokens = (SEG, IMG_CONTEXT, IMG_START, IMG_END)  # a checkpoint of this family has them all
-    parts = PARTS
-    lora_targets = LORA_TARGETS
-
-    @staticmethod
-    def lora_pattern(targets):
-        return targets  # PEFT matches name suffixes: the LLM holds nothing else of these names
-
-    @staticmethod
-    def seg_convention(model):
-        return "post_norm"
-
-    @staticmethod
-    def pre_seg_modules(model):
-        """The modules in front of the [SEG] hidden state."""
-        return [model.vision_model, model.mlp1, model.language_model]
-
-    @staticmethod
-    def seg_hidden(model, batch, cache=None):
-        return seg_hidden(model, batch, cache)
-
-    @staticmethod
-    def predict(model, tokenizer, image, text):
-        return model.predict_forward(image=image, text=text, tokenizer=tokenizer)
+def lora_pattern(targets):
+    return targets  # PEFT matches name suffixes: the LLM holds nothing else of these names
 
 
-FAMILY = InternVL()
+def seg_convention(model):
+    return "post_norm"
+
+
+def pre_seg_modules(model):
+    """The modules in front of the [SEG] hidden state."""
+    return [model.vision_model, model.mlp1, model.language_model]
+
+
+def predict(model, tokenizer, image, text):
+    return model.predict_forward(image=image, text=text, tokenizer=tokenizer)
 
 
 def unwrap(module):

@@ -27,7 +27,7 @@ RESAVE_STAGE = ("save the stage again: take the run's other checkpoint (best/ or
 
 def parts_of(model):
     """Part name -> parameter name prefixes, for the model's family."""
-    return family(model).parts
+    return family(model).PARTS
 
 
 def canonical_name(name):
@@ -39,11 +39,11 @@ def lora_target_modules(model, include_mlp=False):
     """LoRA target names for the model's LLM, from its family's table, checked against its module names
     (for the Qwen-VL family a regex anchored at the text layers)."""
     fam = family(model)
-    llm = unwrap(getattr(model, fam.llm_attr))
+    llm = unwrap(getattr(model, fam.LLM_ATTR))
     arch = type(llm).__name__
-    if arch not in fam.lora_targets:
-        raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(fam.lora_targets))}")
-    attn, mlp = fam.lora_targets[arch]
+    if arch not in fam.LORA_TARGETS:
+        raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(fam.LORA_TARGETS))}")
+    attn, mlp = fam.LORA_TARGETS[arch]
     targets = attn + (mlp if include_mlp else [])
     names = [n for n, _ in llm.named_modules()]
     for t in targets:
@@ -116,7 +116,7 @@ def save_stage(model, out_dir, parts, meta, gather=None):
             llm_module(model).save_pretrained(tmp)
         save_file(trained_state(model, parts), os.path.join(tmp, PARTS_FILE))
         write_json(os.path.join(tmp, STAGE_FILE), dict(meta, trained_parts=list(parts), lora=has_lora(model),
-                                                       family=family(model).name,
+                                                       family=family(model).NAME,
                                                        seg_hidden_state=family(model).seg_convention(model)))
 
 

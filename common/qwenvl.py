@@ -19,7 +19,8 @@ input `[SEG]` position, taken explicitly before or after the final RMSNorm (`SEG
 pre-norm state for Qwen3-VL on transformers 4.57 and the post-norm one on 5.x (FACTS.md), so a
 checkpoint carries the convention it was trained with (`seg_hidden_convention`).
 
-`FAMILY` is what the rest of the project asks (common.sa2va.family), as for common.internvl.
+This module is the family object the rest of the project asks (common.sa2va.family), with the
+names common.internvl has (NAME, LLM_ATTR, TOKENS, PARTS, LORA_TARGETS, lora_pattern, ...).
 
 Needs transformers >= 4.57 (Qwen3-VL; Qwen2.5-VL's `model.language_model` layout). Imports no
 torchvision and no qwen_vl_utils: without torchvision the HF processor cannot hold a video
@@ -34,8 +35,10 @@ from PIL import Image
 
 from common.internvl import SEG, unwrap
 
+NAME, LLM_ATTR = "qwenvl", "model"  # LoRA wraps the whole Qwen-VL model (lora_pattern: its text layers only)
 VL_ARCHS = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+TOKENS = (SEG, IMAGE_PAD, VISION_START, VISION_END)
 END_OF_TURN = "<|im_end|>"
 # qwen_vl_utils' fetch_image: a 28 px grid (14 px patches x 2 merge, its default for every model)
 # and its default pixel bounds (4 to 16384 tokens of 28 x 28)
@@ -61,38 +64,6 @@ PARTS = {
 }
 
 
-class QwenVL:
-    name = "qwenvl"
-    llm_attr = "model"  # the module LoRA wraps: the whole Qwen-VL model (targets match its text layers only)
-    tokens = (SEG, IMAGE_PAD, VISION_START, VISION_END)  # a checkpoint of this family has them all
-    parts = PARTS
-    lora_targets = LORA_TARGETS
-
-    @staticmethod
-    def lora_pattern(targets):
-        """A regex anchored at the text layers: Qwen2.5-VL's vision MLP has the same names."""
-        return r".*language_model\.layers\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
-
-    @staticmethod
-    def seg_convention(model):
-        """The [SEG] state the model's `text_hidden_fcs` was trained on, from its config."""
-        return seg_hidden_convention(vars(model.config), type(unwrap(model.model)).__name__)
-
-    @staticmethod
-    def pre_seg_modules(model):
-        """The modules in front of the [SEG] hidden state."""
-        return [model.model]
-
-    @staticmethod
-    def seg_hidden(model, batch, cache=None):
-        return seg_hidden(model, batch)
-
-    @staticmethod
-    def predict(model, processor, image, text):
-        return model.predict_forward(image=image, text=text, processor=processor)
-
-
-FAMILY = QwenVL()
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -168,13 +139,33 @@ def collate(encoded, pad_id):
     return batch
 
 
+def lora_pattern(targets):
+    """A regex anchored at the text layers: Qwen2.5-VL's vision MLP has the same names."""
+    return r".*language_model\.layers\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
+
+
+def seg_convention(model):
+    """The [SEG] state the model's `text_hidden_fcs` was trained on, from its config."""
+    return seg_hidden_convention(vars(model.config), type(unwrap(model.model)).__name__)
+
+
+def pre_seg_modules(model):
+    """The modules in front of the [SEG] hidden state."""
+    return [model.model]
+
+
+def predict(model, processor, image, text):
+    return model.predict_forward(image=image, text=text, processor=processor)
+
+
 def decoder_layers(model):
     """The text decoder's layers of a Sa2VA Qwen-VL model (through a PEFT wrapper)."""
     return unwrap(model.model).model.language_model.layers
 
 
-def seg_hidden(model, batch):
+def seg_hidden(model, batch, cache=None):
     """Teacher-forced multimodal forward -> (hidden (B, L, h) after the final norm, [SEG] states (B, h)).
+    (No `cache`: the vision tower runs inside the model's own forward.)
 
     The model's own forward places the vision features and computes M-RoPE positions; the
     [SEG] state is taken as the model's config says (`QwenVL.seg_convention`): `post_norm` (the
@@ -186,7 +177,7 @@ def seg_hidden(model, batch):
                   image_grid_thw=batch["image_grid_thw"], use_cache=False)
     if "mm_token_type_ids" in batch:
         inputs["mm_token_type_ids"] = batch["mm_token_type_ids"]
-    convention = FAMILY.seg_convention(model)
+    convention = seg_convention(model)
     captured = {}
     hook = None
     if convention == "pre_norm":

@@ -12,8 +12,8 @@ Checked against the released InternVL-family code (bytedance/Sa2VA,
 projects/sa2va/hf/models/modeling_sa2va_chat.py: `preparing_for_generation`,
 `predict_forward`, `dynamic_preprocess`; sam2.py: `preprocess_image`, DirectResize).
 
-Two families, one API: `family(model)` is `common.internvl.FAMILY` (`Sa2VAChatModel`:
-vision_model + mlp1 + language_model) or `common.qwenvl.FAMILY` (`Sa2VAChatModelQwen`: one
+Two families, one API: `family(model)` is the module `common.internvl` (`Sa2VAChatModel`:
+vision_model + mlp1 + language_model) or `common.qwenvl` (`Sa2VAChatModelQwen`: one
 Qwen2.5-VL / Qwen3-VL model as `model`). Each knows its tokens, LLM module, LoRA targets,
 trainable parts and [SEG] state; the rest of the project asks it, never the family's name.
 The embedded tiny models (`common.tiny`, `common.tiny_qwenvl`) are imported only when one is
@@ -28,17 +28,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import qwenvl
+from common import internvl, qwenvl
 from common.internvl import (IMG_CONTEXT, IMG_END, IMG_START, RELEASED_TILING, SEG, dynamic_preprocess,
                              pil_to_normalized)
-from common.internvl import FAMILY as INTERNVL
-from common.qwenvl import FAMILY as QWENVL
 
 TINY = "tiny"
 TINY_QWENVL = "tiny-qwenvl"
 TINY_MODELS = (TINY, TINY_QWENVL)
 TINY_CLASSES = {"tiny_sa2va": ("common.tiny", "TinySa2VAChatModel"),  # config model_type -> toy class
                 "tiny_sa2va_qwenvl": ("common.tiny_qwenvl", "TinySa2VAQwenVLModel")}
+INTERNVL, QWENVL = internvl, qwenvl  # the two families: each module is its family's one object
 DEFAULT_PROMPT = "<image>\nPlease segment the blood vessel."
 DEFAULT_ANSWER = "It is [SEG]."
 
@@ -101,10 +100,10 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
         vocab = tokenizer.get_vocab()
-    missing = [t for t in fam.tokens if t not in vocab]
+    missing = [t for t in fam.TOKENS if t not in vocab]
     if missing:
         raise CheckpointError(f"{name_or_path}: tokenizer has no {missing[0]} token; is this a Sa2VA checkpoint "
-                              f"of the {fam.name} family?")
+                              f"of the {fam.NAME} family?")
     if config.get("model_type") in TINY_CLASSES:
         module, cls = TINY_CLASSES[config["model_type"]]
         model = getattr(importlib.import_module(module), cls).from_pretrained(name_or_path, **dtype_kwarg(dtype))
@@ -127,7 +126,7 @@ def folder_family(config):
 
 
 def family(model):
-    """The family object of a loaded Sa2VA (common.internvl.FAMILY or common.qwenvl.FAMILY): Qwen-VL
+    """The family of a loaded Sa2VA, the module common.internvl or common.qwenvl: Qwen-VL
     when its `model` is a Qwen-VL model, else InternVL."""
     inner = getattr(model, "model", None)
     if inner is not None and type(qwenvl.unwrap(inner)).__name__ in qwenvl.VL_ARCHS:
@@ -138,11 +137,11 @@ def family(model):
 def llm_module(model):
     """The module LoRA wraps: InternVL's `language_model`, Qwen-VL's whole `model` (LoRA targets
     match only its text layers)."""
-    return getattr(model, family(model).llm_attr)
+    return getattr(model, family(model).LLM_ATTR)
 
 
 def set_llm_module(model, module):
-    setattr(model, family(model).llm_attr, module)
+    setattr(model, family(model).LLM_ATTR, module)
 
 
 def predict(model, tokenizer, image, text):
@@ -251,7 +250,7 @@ class Sa2VAInterface:
     img_context_token_id: int
     pad_token_id: int
     llm_arch: str
-    family: str = INTERNVL.name
+    family: str = INTERNVL.NAME
     # Qwen-VL family: the HF processor and the class's processor bounds
     processor: object = None
     min_pixels: int = 0
@@ -291,7 +290,7 @@ def describe_qwenvl(model, processor):
         sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
         seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
         img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD), pad_token_id=pad,
-        llm_arch=type(qwenvl.unwrap(model.model)).__name__, family=QWENVL.name, processor=processor,
+        llm_arch=type(qwenvl.unwrap(model.model)).__name__, family=QWENVL.NAME, processor=processor,
         min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
 
 
@@ -351,7 +350,7 @@ class Sa2VAProcessor:
         `frames`, a list of PIL frames the LLM sees, with `image` its first frame) into a batch."""
         tiles, g_pixels, ids, labels, seg_index, encoded = [], [], [], [], [], []
         for s in samples:
-            if self.iface.family == QWENVL.name:
+            if self.iface.family == QWENVL.NAME:
                 e = qwenvl.encode(self.iface.processor, s["image"], s.get("prompt") or self.prompt,
                                   s.get("answer") or self.answer, self.iface.min_pixels, self.iface.max_pixels)
                 encoded.append(e)

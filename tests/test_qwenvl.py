@@ -79,7 +79,7 @@ def test_inputs_are_predict_forwards(tiny, synth_data):
 
 def test_forward_path_mask_equals_predict_forward(tiny, synth_data):
     model, tokenizer = tiny
-    assert family(model) is QWENVL and QWENVL.seg_convention(model) == "post_norm"
+    assert family(model) is QWENVL and qwenvl.seg_convention(model) == "post_norm"
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     for sample in samples(synth_data):
         released = predict(model, tokenizer, sample["image"], DEFAULT_PROMPT)
