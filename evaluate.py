@@ -39,21 +39,22 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
-from common import cli
 from common import baselines
+from common import cli
 from common.data import (ANNOTATIONS_FILE, DataError, EvalSampler, VesselDataset, describe_split, file_names,
                          list_images, no_images_error, parse_video, read_image, select_split)
 from common.engine import all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything
+from common.evaluation import METRICS, frame_record, gather_records, predict_probabilities, score_loader, summarize
 from common.files import write_json
-from common.evaluation import (METRICS, frame_record, gather_records, predict_probabilities, score_loader, score_videos,
-                               summarize, video_probabilities)
 from common.forward import move_batch
 from common.lora import read_stage_meta
 from common.rewards import cldice
 from common.sa2va import SEG, CheckpointError, predict
-from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model
+from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model, segment_video
 
 
 def parse_args(argv=None):
@@ -319,6 +320,48 @@ def gif_frame(path, i, n):
 
 
 RELEASED_THRESHOLD = 0.5  # predict_forward thresholds its own masks at sigmoid > 0.5 (released code)
+
+
+# ---------------------------------------------------------------- video mode (SAM2 memory across frames)
+
+def video_groups(frame_ids):
+    """{video: [positions in frame order]} of a list of (video, frame index) pairs, videos sorted."""
+    groups = {}
+    for i, (video, _) in enumerate(frame_ids):
+        groups.setdefault(video, []).append(i)
+    return {v: sorted(idx, key=lambda i: frame_ids[i][1]) for v, idx in sorted(groups.items())}
+
+
+@torch.no_grad()
+def video_probabilities(model, processor, frame_ids, load, device, autocast, desc="videos", **video_args):
+    """Yields (position, sample, probabilities (H, W) float32 on the CPU) for every frame of this rank's
+    share of the videos, segmented with SAM2's video memory (`common.video.segment_video`). Videos are
+    sharded over ranks whole (a video's memory needs all its frames on one rank). frame_ids: (video,
+    frame index) per position; load(position) -> a sample dict with `image`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for positions in tqdm(list(video_groups(frame_ids).values())[rank::world], desc=desc, leave=False,
+                          disable=not is_main()):
+        samples = [load(i) for i in positions]
+        with autocast():
+            probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
+        for i, s, p in zip(positions, samples, probs):
+            yield i, s, p.float().cpu()
+
+
+@torch.no_grad()
+def score_videos(model, processor, dataset, device, thresholds, autocast, desc="scoring videos", keep_probs=False,
+                 **video_args):
+    """score_loader's records, the frames segmented video by video with SAM2's memory."""
+    thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    records, probs_out = [], {}
+    frame_ids = [(f.video, f.frame) for f in dataset.frames]
+    for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device, autocast,
+                                                desc, **video_args):
+        records.append(frame_record(sample["key"], i, probs, sample["mask"], thresholds))
+        if keep_probs:
+            probs_out[sample["key"]] = probs
+    records = gather_records(records)
+    return (records, probs_out) if keep_probs else records
 
 
 def predict_frames(args, rank, world_size, device):

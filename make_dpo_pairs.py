@@ -47,8 +47,8 @@ from common import cli
 from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_frames, check_masks, frame_mask,
                          list_images, load_splits, read_mask, scan_folder)
 from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything
-from common.files import atomic_folder, write_json
 from common.evaluation import predict_probabilities
+from common.files import atomic_folder, write_json
 from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
                             sample_masks)
 from common.pairs import PAIRS_FILE, load_pairs

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from common import cli
 from common.data import EvalSampler, VesselDataset, file_names, select_split
 from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything
-from common.files import write_json
 from common.evaluation import score_loader
+from common.files import write_json
 from common.forward import (SAMPLE_NOISE_SIGMA, FeatureCache, forward_batch, move_batch, sample_generator,
                             sample_masks)
 from common.rewards import mean_pairwise_disagreement

@@ -34,8 +34,8 @@ from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, area_curr
                          frame_mask, image_size, splits_from_args, view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
                            load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
-from common.files import write_json
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
+from common.files import write_json
 from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss

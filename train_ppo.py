@@ -66,8 +66,8 @@ from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_spl
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
                            save_trainer_state, start_run, use_deepspeed, versions)
-from common.files import write_json
 from common.evaluation import collapse_warning, score_loader, summarize
+from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
 from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,

@@ -11,8 +11,8 @@ import torch
 
 from common.data import CURRICULA, DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
 from common.files import RunError
-from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.forward import bf16_autocast
+from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
 from common.sa2va import (DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, Sa2VAProcessor, describe,
                           llm_module, load_model)
 

@@ -309,17 +309,18 @@ def check_resume_args(run_dir, args):
 LATEST = "latest"
 
 
-def save_resume_point(engine, run_dir, step, client_state, keep=2):
-    """Engine + trainer state at `checkpoints/step_<n>`, written to a temporary folder and
-    renamed, then `checkpoints/latest` updated atomically; older ones pruned to `keep`."""
+def save_trainer_state(engine, run_dir, state, keep=2):
+    """A resume point of the run at `checkpoints/step_<n>`: the engine (weights that train, optimizer,
+    scheduler) plus the loop's `state` dict and every RNG, written to a temporary folder and renamed,
+    then `checkpoints/latest` updated atomically; older ones pruned to `keep`."""
     root = os.path.join(run_dir, "checkpoints")
-    tag = f"step_{step:07d}"
+    tag = f"step_{state['step']:07d}"
     tmp_root = os.path.join(root, "tmp")
     if is_main():
         shutil.rmtree(os.path.join(tmp_root, tag), ignore_errors=True)
         os.makedirs(tmp_root, exist_ok=True)
     barrier()
-    engine.save_checkpoint(tmp_root, tag, client_state=client_state)
+    engine.save_checkpoint(tmp_root, tag, client_state=dict(trainer=state, rng=rng_state()))
     barrier()
     if is_main():
         if os.path.isdir(os.path.join(root, tag)):  # saved twice at one step (--save_every at an epoch's end):
@@ -334,34 +335,17 @@ def save_resume_point(engine, run_dir, step, client_state, keep=2):
     barrier()
 
 
-def load_resume_point(engine, run_dir):
-    """Client state of the latest checkpoint of `run_dir`, or None when it has none."""
-    root = os.path.join(run_dir, "checkpoints")
-    latest = os.path.join(root, LATEST)
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    if hasattr(engine, "zero_optimization_stage"):
-        _, client_state = engine.load_checkpoint(root, tag)
-    else:
-        client_state = engine.load_checkpoint(root, tag)
-    return client_state
-
-
-def save_trainer_state(engine, run_dir, state):
-    """A resume point of the run: the engine (weights that train, optimizer, scheduler) plus the
-    loop's `state` dict and every RNG."""
-    save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
-
-
 def load_trainer_state(engine, run_dir, state, log):
     """`--resume`: the loop's state saved at the run's last resume point (engine and RNGs
     restored), or `state` unchanged when the run has none yet."""
-    client = load_resume_point(engine, run_dir)
-    if client is None:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.exists(os.path.join(root, LATEST)):
         log(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
         return state
+    with open(os.path.join(root, LATEST)) as f:
+        tag = f.read().strip()
+    client = engine.load_checkpoint(root, tag)
+    client = client[1] if hasattr(engine, "zero_optimization_stage") else client  # DeepSpeed: (path, client state)
     set_rng_state(client["rng"])
     state = client["trainer"]
     log("resumed at " + ", ".join(f"{k} {state[k]}" for k in ("round", "epoch", "step") if k in state))

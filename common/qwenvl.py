@@ -33,6 +33,7 @@ import os
 import torch
 from PIL import Image
 
+from common import internvl
 from common.internvl import SEG, unwrap
 
 NAME, LLM_ATTR = "qwenvl", "model"  # LoRA wraps the whole Qwen-VL model (lora_pattern: its text layers only)
@@ -52,16 +53,9 @@ SEG_HIDDEN_STATES = ("post_norm", "pre_norm")
 LORA_TARGETS = dict.fromkeys(VL_ARCHS, (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
                                         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
 # Trainable parts -> parameter name prefixes: the LLM is inside `model` next to the vision tower
-# (`visual`, its merger last), in the order of common.internvl.PARTS.
-PARTS = {
-    "lora": ("model.",),  # only the lora_ parameters in it
-    "llm": ("model.model.language_model.", "model.lm_head."),
-    "text_hidden_fcs": ("text_hidden_fcs.",),
-    "mask_decoder": ("grounding_encoder.sam2_model.sam_mask_decoder.",),
-    "prompt_encoder": ("grounding_encoder.sam2_model.sam_prompt_encoder.",),
-    "mlp1": ("model.model.visual.merger.",),
-    "vision": ("model.model.visual.",),
-}
+# (`visual`, its merger last); the heads are InternVL's.
+PARTS = dict(internvl.PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),
+             mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
 
 
 

@@ -2,15 +2,10 @@
 
 Everything the forward path needs is read from the loaded model and tokenizer
 (`describe`), never typed in elsewhere: the chat template, the image tokens and how many
-per tile, InternVL's dynamic tiling and normalisation, SAM2's input size and
-normalisation, the `[SEG]` id and the LLM family. `Sa2VAProcessor` turns (image, prompt,
-answer) into the tensors of a batch exactly as the released `predict_forward` builds its
-inputs, so a mask from the training path equals a mask from the released inference for
-the same answer text.
-
-Checked against the released InternVL-family code (bytedance/Sa2VA,
-projects/sa2va/hf/models/modeling_sa2va_chat.py: `preparing_for_generation`,
-`predict_forward`, `dynamic_preprocess`; sam2.py: `preprocess_image`, DirectResize).
+per tile, SAM2's input size and normalisation, the `[SEG]` id and the LLM family.
+`Sa2VAProcessor` turns (image, prompt, answer) into the tensors of a batch exactly as the
+released `predict_forward` builds its inputs (sam2.py: `preprocess_image`, DirectResize), so
+a mask from the training path equals a mask from the released inference for the same answer.
 
 Two families, one API: `family(model)` is the module `common.internvl` (`Sa2VAChatModel`:
 vision_model + mlp1 + language_model) or `common.qwenvl` (`Sa2VAChatModelQwen`: one
@@ -237,12 +232,7 @@ def released_classes(path):
 
 @dataclass
 class Sa2VAInterface:
-    template: dict
-    num_image_token: int
-    image_size: int
-    min_dynamic_patch: int
-    max_dynamic_patch: int
-    use_thumbnail: bool
+    """The input conventions of the forward path, read from the loaded model (`describe`)."""
     sam_image_size: int
     sam_mean: tuple
     sam_std: tuple
@@ -250,7 +240,14 @@ class Sa2VAInterface:
     img_context_token_id: int
     pad_token_id: int
     llm_arch: str
-    family: str = INTERNVL.NAME
+    family: str
+    # InternVL family: the prompt template, image tokens per tile and the tiling
+    template: dict = None
+    num_image_token: int = 0
+    image_size: int = 0
+    min_dynamic_patch: int = 0
+    max_dynamic_patch: int = 0
+    use_thumbnail: bool = False
     # Qwen-VL family: the HF processor and the class's processor bounds
     processor: object = None
     min_pixels: int = 0
@@ -258,40 +255,29 @@ class Sa2VAInterface:
 
 
 def describe(model, tokenizer):
-    """Read every input convention of the forward path from the loaded model."""
+    """Read every input convention of the forward path from the loaded model and the tokenizer (Qwen-VL
+    family: the processor) load_model gave with it."""
+    sam = model.grounding_encoder
+    fields = dict(sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean),
+                  sam_std=tuple(sam.img_std), family=family(model).NAME)
     if family(model) is QWENVL:
-        return describe_qwenvl(model, tokenizer)
-    config = model.config
-    image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
-    tiling = {k: getattr(model, k, v) for k, v in RELEASED_TILING.items()}
-    sam = model.grounding_encoder
-    llm = qwenvl.unwrap(model.language_model)
+        if not hasattr(tokenizer, "image_processor"):
+            raise CheckpointError("a Qwen-VL Sa2VA needs its processor, the second item common.sa2va.load_model returns")
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
+        fields.update(img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD),
+                      llm_arch=type(qwenvl.unwrap(model.model)).__name__, processor=processor,
+                      min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
+    else:
+        if not isinstance(model.template, dict):
+            raise CheckpointError(f"model template {model.template!r} is not a prompt-template dict")
+        config = model.config
+        image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
+        fields.update(template=model.template, num_image_token=int(model.num_image_token), image_size=int(image_size),
+                      img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+                      llm_arch=type(internvl.unwrap(model.language_model)).__name__,
+                      **{k: getattr(model, k, v) for k, v in RELEASED_TILING.items()})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = model.template if isinstance(model.template, dict) else None
-    if template is None:
-        raise CheckpointError(f"model template {model.template!r} is not a prompt-template dict")
-    return Sa2VAInterface(
-        template=template, num_image_token=int(model.num_image_token), image_size=int(image_size),
-        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
-        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
-        img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
-        pad_token_id=pad, llm_arch=type(llm).__name__, **tiling)
-
-
-def describe_qwenvl(model, processor):
-    """Qwen-VL family: the processor (chat template, image processor) and the class's min/max pixels."""
-    if not hasattr(processor, "image_processor"):
-        raise CheckpointError("a Qwen-VL Sa2VA needs its processor, the second item common.sa2va.load_model returns")
-    tokenizer = processor.tokenizer
-    sam = model.grounding_encoder
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Sa2VAInterface(
-        template={}, num_image_token=0, image_size=0, min_dynamic_patch=0, max_dynamic_patch=0, use_thumbnail=False,
-        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
-        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
-        img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD), pad_token_id=pad,
-        llm_arch=type(qwenvl.unwrap(model.model)).__name__, family=QWENVL.NAME, processor=processor,
-        min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
+    return Sa2VAInterface(seg_token_id=tokenizer.convert_tokens_to_ids(SEG), pad_token_id=pad, **fields)
 
 
 class Sa2VAProcessor:
