@@ -51,7 +51,6 @@ from common.forward import FeatureCache, forward_batch, full_size_logits, move_b
 from common.lora import base_fingerprint, save_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
 from common.pairs import PairDataset, disputed_share, load_pairs
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "dpo"
 REFERENCE_FILE = "reference_logps.json"
@@ -151,10 +150,9 @@ def main(args):
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     disable_dropout(model)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
 
     _, val_frames = splits_from_args(args)
     train_pairs, held_pairs = split_pairs(args, load_pairs(args.pairs, args.min_iou_gap, args.video_regex), val_frames)

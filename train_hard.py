@@ -39,7 +39,7 @@ from common.files import write_json
 from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, read_stage_meta, save_stage
 from common.losses import segmentation_loss
-from common.sa2va import Sa2VAProcessor, describe, family
+from common.sa2va import family
 
 STAGE = "hard"
 
@@ -229,12 +229,11 @@ def main(args):
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
     # the checkpoint must stand alone: keep what the init trained (prompt encoder, say) next to our parts
     init_parts = read_stage_meta(args.init).get("trained_parts", []) if args.init else []
     save_parts = parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     train_frames, val_frames = splits_from_args(args)
     if not val_frames:
         raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")

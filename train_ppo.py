@@ -73,7 +73,6 @@ from common.lora import base_fingerprint, save_stage
 from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,
                            normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import REWARDS, cldice, make_reward
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "ppo"
 CRITIC = "ppo_value_head"  # the critic's attribute on the model (kept out of stage checkpoints)
@@ -298,9 +297,8 @@ def main(args):
     reward_fn = build_reward(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     param_groups = [dict(params=[p for p in model.parameters() if p.requires_grad])]
     if args.advantage == "critic":
         setattr(model, CRITIC, ValueHead(model.grounding_encoder.hidden_dim))

@@ -28,7 +28,6 @@ from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import segmentation_loss, text_loss
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "sft"
 SFT_POS_WEIGHT = "1"  # plain BCE as the mission's Dice + BCE; README "Why SFT collapsed" measures `balanced`
@@ -56,9 +55,8 @@ def main(args):
     train_frames, val_frames = splits_from_args(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     train_set = VesselDataset(train_frames, args.resize_masks)
     if args.augment:
         train_set = AugmentedViews(train_set, args.seed)

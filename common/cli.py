@@ -299,7 +299,8 @@ def load_for_inference(args, init, device, bf16_weights=False, base=None):
 
 
 def setup_model(args, log=print):
-    """Base model + optional --init stage + optional new LoRA + the trainable parts."""
+    """(model, processor of --prompt / --answer, trained parts): the base model + optional --init stage +
+    optional new LoRA, with only the --trainable parts trainable."""
     # bf16 runs load bf16 weights: a 26B model in fp32 would need ~100 GB of host memory per
     # process. What trains is cast back to fp32 below (plain torch keeps fp32 masters and
     # autocasts; DeepSpeed bf16 keeps its own fp32 masters)
@@ -328,4 +329,4 @@ def setup_model(args, log=print):
         log(f"torch.compile: {compile_decoder_layers(llm_module(model))} LLM decoder layers")
     trainable, total = count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
-    return model, tokenizer, parts
+    return model, Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer), parts

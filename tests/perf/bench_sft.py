@@ -39,7 +39,7 @@ from common.engine import all_gather_objects, build_engine, engine_step, init_di
 from common.forward import FeatureCache, forward_batch, full_size_logits, image_embeddings, move_batch, \
     sam_image_features  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
-from common.sa2va import Sa2VAProcessor, describe, llm_module, unwrap_llm  # noqa: E402
+from common.sa2va import llm_module, unwrap_llm  # noqa: E402
 from common.synth import make_video  # noqa: E402
 
 DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -144,8 +144,7 @@ def main(args):
     deepspeed_on = use_deepspeed(targs)
     rank, world_size, device = init_distributed(deepspeed_on)
     torch.manual_seed(rank)
-    model, tokenizer, _ = cli.setup_model(targs, log=lambda *a: None)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, targs.prompt, targs.answer)
+    model, processor, _ = cli.setup_model(targs, log=lambda *a: None)
     batch = move_batch(synthetic_batch(processor, args.batch_size, args.image_size, seed=rank), device)
     llm_params = sum(p.numel() for n, p in unwrap_llm(model.language_model).named_parameters() if "lora_" not in n)
 

@@ -210,13 +210,13 @@ def sft_step(args, device, steps=3):
     import train_sft
     from common import cli
     targs = train_sft.parse_args(["--model", args.model, "--data", "unused", "--grad_ckpt", "--lora_preset", "medium"])
-    model, tokenizer, _ = cli.setup_model(targs, log=lambda *a: None)
+    model, sft_processor, _ = cli.setup_model(targs, log=lambda *a: None)
     model.to(device=device, dtype=torch.bfloat16).train()
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     opt = torch.optim.AdamW(params, lr=1e-4)
     images, masks = synthetic_frames(args.step_batch, args.step_size, seed=1)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, DEFAULT_ANSWER)
+    processor = Sa2VAProcessor(sft_processor.iface, sft_processor.tokenizer, args.prompt, DEFAULT_ANSWER)
     batch = move_batch(processor([dict(image=i, key=str(k)) for k, i in enumerate(images)]), device)
     targets = [torch.from_numpy(m).float().to(device) for m in masks]
     times, lora_grad = [], None

@@ -244,15 +244,13 @@ def sft_step(folder, device, image_size):
     from common import cli
     from common.forward import forward_batch, full_size_logits, move_batch
     from common.losses import segmentation_loss
-    from common.sa2va import Sa2VAProcessor, describe
     from common.synth import make_video
     from PIL import Image
     args = train_sft.parse_args(["--model", folder, "--data", "unused", "--lora_preset", "medium"])
-    model, tokenizer, parts = cli.setup_model(args, log=lambda *a: None)
+    model, processor, parts = cli.setup_model(args, log=lambda *a: None)
     model.to(device).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     images, masks, _ = make_video(np.random.default_rng(1), 2, image_size)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     batch = move_batch(processor([dict(image=Image.fromarray(i), key=str(k)) for k, i in enumerate(images)]), device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     t0 = time.time()
