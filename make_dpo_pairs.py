@@ -210,7 +210,8 @@ def write_output(args, records, summary):
             entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
                          iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
             if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
-                entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"], rejected_score=r["rejected"]["score"],
+                entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"],
+                             rejected_score=r["rejected"]["score"],
                              score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
                              **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
                                 for side in ("chosen", "rejected") for k in SCORE_PARTS})

@@ -597,7 +597,8 @@ def build_parser():
     g.add_argument("--model", default=None, help="base model of --init (default: the base_model its stage.json names)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a draft's vessel pixel")
     g.add_argument("--batch_size", type=int, default=8, help="frames per forward pass of the drafts")
-    g.add_argument("--bf16", action="store_true", help="drafts with bf16 weights (autocast on a GPU), as evaluate.py --predict_only --bf16")
+    g.add_argument("--bf16", action="store_true",
+                   help="drafts with bf16 weights (autocast on a GPU), as evaluate.py --predict_only --bf16")
     return p
 
 

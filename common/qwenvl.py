@@ -50,8 +50,9 @@ SEG_HIDDEN_STATES = ("post_norm", "pre_norm")
 # LoRA adapts the whole Qwen-VL model (`model`): these names match its text layers
 # (model.language_model.layers.N.self_attn.q_proj ...) and, for Qwen2.5-VL, the vision blocks' MLP
 # (`visual.blocks`) too, hence the `language_model.` anchor of `lora_pattern`.
-LORA_TARGETS = dict.fromkeys(VL_ARCHS, (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-                                        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
+LORA_TARGETS = dict.fromkeys(VL_ARCHS, (
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
 # Trainable parts -> parameter name prefixes: the LLM is inside `model` next to the vision tower
 # (`visual`, its merger last); the heads are InternVL's.
 PARTS = dict(internvl.PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),

@@ -262,7 +262,7 @@ def describe(model, tokenizer):
                   sam_std=tuple(sam.img_std), family=family(model).NAME)
     if family(model) is QWENVL:
         if not hasattr(tokenizer, "image_processor"):
-            raise CheckpointError("a Qwen-VL Sa2VA needs its processor, the second item common.sa2va.load_model returns")
+            raise CheckpointError("a Qwen-VL Sa2VA needs its processor: the second item load_model returns")
         processor, tokenizer = tokenizer, tokenizer.tokenizer
         fields.update(img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD),
                       llm_arch=type(qwenvl.unwrap(model.model)).__name__, processor=processor,
