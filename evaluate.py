@@ -39,21 +39,22 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
-from common import cli
 from common import baselines
+from common import cli
 from common.data import (ANNOTATIONS_FILE, DataError, EvalSampler, VesselDataset, describe_split, file_names,
                          list_images, no_images_error, parse_video, read_image, select_split)
-from common.engine import (all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything,
-                           write_json)
-from common.evaluation import (METRICS, frame_record, gather_records, predict_probabilities, score_loader, score_videos,
-                               summarize, video_probabilities)
+from common.engine import all_gather_objects, barrier, cleanup, init_distributed, is_main, print0, seed_everything
+from common.evaluation import METRICS, frame_record, gather_records, predict_probabilities, score_loader, summarize
+from common.files import write_json
 from common.forward import move_batch
-from common.lora import load_stage, read_stage_meta
+from common.lora import read_stage_meta
 from common.rewards import cldice
-from common.sa2va import SEG, CheckpointError, Sa2VAProcessor, describe, load_model, predict
-from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model
+from common.sa2va import SEG, CheckpointError, predict
+from common.video import PROMPTS, RELEASED_CLIP_FRAMES, check_video_model, segment_video
 
 
 def parse_args(argv=None):
@@ -232,11 +233,6 @@ def stage_table(summary, caption=None):
     return "\n".join(lines)
 
 
-def bf16_autocast(args, device):
-    """A bf16 autocast factory for --bf16 on a GPU, else None (what score_loader and friends take)."""
-    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
-
-
 def video_table(summary):
     """Markdown table: per checkpoint, mean Dice per frame vs with SAM2's video memory (and over
     the temporal hard clusters' frames when given)."""
@@ -326,6 +322,48 @@ def gif_frame(path, i, n):
 RELEASED_THRESHOLD = 0.5  # predict_forward thresholds its own masks at sigmoid > 0.5 (released code)
 
 
+# ---------------------------------------------------------------- video mode (SAM2 memory across frames)
+
+def video_groups(frame_ids):
+    """{video: [positions in frame order]} of a list of (video, frame index) pairs, videos sorted."""
+    groups = {}
+    for i, (video, _) in enumerate(frame_ids):
+        groups.setdefault(video, []).append(i)
+    return {v: sorted(idx, key=lambda i: frame_ids[i][1]) for v, idx in sorted(groups.items())}
+
+
+@torch.no_grad()
+def video_probabilities(model, processor, frame_ids, load, device, autocast, desc="videos", **video_args):
+    """Yields (position, sample, probabilities (H, W) float32 on the CPU) for every frame of this rank's
+    share of the videos, segmented with SAM2's video memory (`common.video.segment_video`). Videos are
+    sharded over ranks whole (a video's memory needs all its frames on one rank). frame_ids: (video,
+    frame index) per position; load(position) -> a sample dict with `image`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for positions in tqdm(list(video_groups(frame_ids).values())[rank::world], desc=desc, leave=False,
+                          disable=not is_main()):
+        samples = [load(i) for i in positions]
+        with autocast():
+            probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
+        for i, s, p in zip(positions, samples, probs):
+            yield i, s, p.float().cpu()
+
+
+@torch.no_grad()
+def score_videos(model, processor, dataset, device, thresholds, autocast, desc="scoring videos", keep_probs=False,
+                 **video_args):
+    """score_loader's records, the frames segmented video by video with SAM2's memory."""
+    thresholds = torch.tensor(thresholds, dtype=torch.float32)
+    records, probs_out = [], {}
+    frame_ids = [(f.video, f.frame) for f in dataset.frames]
+    for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device, autocast,
+                                                desc, **video_args):
+        records.append(frame_record(sample["key"], i, probs, sample["mask"], thresholds))
+        if keep_probs:
+            probs_out[sample["key"]] = probs
+    records = gather_records(records)
+    return (records, probs_out) if keep_probs else records
+
+
 def predict_frames(args, rank, world_size, device):
     """Masks, overlays and per-video GIFs for frames without ground truth (see the docstring)."""
     ((name, init),) = resolve_checkpoints(args, predicting=True)
@@ -342,10 +380,7 @@ def predict_frames(args, rank, world_size, device):
             raise no_images_error(folder)
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, seed=args.seed)
-    if init:
-        load_stage(model, init)
-    model.to(device).eval()
+    model, processor, autocast = cli.load_for_inference(args, init, device, bf16_weights=args.bf16)
     for sub in ("masks", "overlays") + (("probs",) if args.save_probs else ()):
         os.makedirs(os.path.join(args.output, sub), exist_ok=True)
     n_videos = len({parse_video(k, args.video_regex)[0] for k in dataset.keys})
@@ -369,18 +404,15 @@ def predict_frames(args, rank, world_size, device):
             raise SystemExit("--video_mode takes the fixed answer (the released video inference's [SEG] comes from "
                              "one answer for the whole video); drop --answer_mode generate")
         check_video_model(model)
-        processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         frame_ids = [parse_video(k, args.video_regex) for k in dataset.keys]
         for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device,
-                                                    bf16_autocast(args, device), prompt=args.video_prompt,
+                                                    autocast, prompt=args.video_prompt,
                                                     clip_frames=args.clip_frames, chunk=args.batch_size):
             probs = probs.numpy()
             records.append(dict(save(sample["key"], sample["image"], probs > args.threshold, probs), seg_found=True))
     elif args.answer_mode == "fixed":
-        processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor,
                                              num_workers=args.num_workers)
-        autocast = bf16_autocast(args, device)
         for batch in loader:
             for key, index, probs in zip(batch["keys"], batch["index"].tolist(),
                                          predict_probabilities(model, move_batch(batch, device), autocast=autocast)):
@@ -390,7 +422,7 @@ def predict_frames(args, rank, world_size, device):
         with torch.no_grad():
             for index in sampler:
                 sample = dataset[index]
-                result = predict(model, tokenizer, sample["image"], args.prompt)
+                result = predict(model, processor.tokenizer, sample["image"], args.prompt)
                 found = SEG in result["prediction"] and len(result["prediction_masks"]) > 0
                 pred = np.asarray(result["prediction_masks"][0][0], dtype=bool) if found else \
                     np.zeros(sample["image"].size[::-1], dtype=bool)
@@ -526,16 +558,11 @@ def main(args):
                   f"has vessel" if s["empty_masks"] else ""))
 
     for base_name, ckpt in checkpoints:
-        model, tokenizer = load_model(args.model, seed=args.seed)
-        if ckpt:
-            load_stage(model, ckpt)
-        model.to(device).eval()
+        model, processor, autocast = cli.load_for_inference(args, ckpt, device)
         if args.video_mode:
             check_video_model(model)
-        processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                              collate_fn=processor, num_workers=args.num_workers)
-        autocast = bf16_autocast(args, device)
         for mode in ("frame", "video") if args.video_mode else ("frame",):
             name = base_name if mode == "frame" else f"{base_name}+video"
             if mode == "frame":

@@ -36,9 +36,7 @@ copied), masks/<image stem>__<tag>.png (the generated masks used by pairs; tag =
 pred, gt), summary.json (counts, gap quantiles and histogram of the ranking score, IoU-gap
 quantiles, the arguments).
 """
-import contextlib
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -48,15 +46,13 @@ from tqdm import tqdm
 from common import cli
 from common.data import (DataError, EvalSampler, MaskRule, VesselDataset, cap_frames, check_masks, frame_mask,
                          list_images, load_splits, read_mask, scan_folder)
-from common.engine import (all_gather_objects, cleanup, init_distributed, is_main, print0, publish_folder,
-                           seed_everything, write_json)
+from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything
 from common.evaluation import predict_probabilities
+from common.files import atomic_folder, write_json
 from common.forward import (SAMPLE_NOISE_SIGMA, forward_batch, full_size_logits, move_batch, sample_generator,
                             sample_masks)
-from common.lora import load_stage
 from common.pairs import PAIRS_FILE, load_pairs
 from common.rewards import RANK_BY, preference_scores
-from common.sa2va import Sa2VAProcessor, describe, load_model
 
 GAP_BINS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # histogram edges of the printed gap distribution
 SCORE_PARTS = ("dice", "cldice", "betti0_error")  # recorded per side when --rank_by is not iou
@@ -102,15 +98,10 @@ def parse_args(argv=None):
 def model_candidates(args, frames, rank, world_size, device):
     """{frame index: [(tag, bool mask)]} of this rank's shard: the greedy prediction, and in
     generate mode --num_samples samples. One batched forward pass per batch of images."""
-    model, tokenizer = load_model(args.model, seed=args.seed)
-    if args.init:
-        load_stage(model, args.init)
-    model.to(device).eval()
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    model, processor, autocast = cli.load_for_inference(args, args.init, device)
     dataset = VesselDataset(frames, args.resize_masks)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                          collate_fn=processor, num_workers=args.num_workers)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
     out = {}
     with torch.no_grad():  # not a decorator: building the tiny model above trains it briefly
         for batch in tqdm(loader, desc=f"{args.mode}: predicting", disable=not is_main()):
@@ -120,7 +111,7 @@ def model_candidates(args, frames, rank, world_size, device):
                 for i, index in enumerate(batch["index"].tolist()):
                     out[index] = [("pred", probs[i].cpu() > args.threshold)]
                 continue
-            with autocast() if autocast else contextlib.nullcontext():
+            with autocast():
                 low_res = forward_batch(model, batch)["low_res_logits"].float().cpu()
             for i, index in enumerate(batch["index"].tolist()):
                 size = batch["image_sizes"][i]
@@ -199,41 +190,37 @@ def packed(side):
 
 
 def write_output(args, records, summary):
-    """Write the pairs folder under <output>.tmp and rename it into place (without a pairs file
-    when no pair passed)."""
+    """Write the pairs folder whole (pairs another run published meanwhile are never removed); without
+    a pairs file when no pair passed."""
     final = os.path.abspath(args.output)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    # this run's own temporary folder: two runs into one --output must not write into one `.tmp`
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    os.makedirs(os.path.join(tmp, "masks"))
-    entries = []
-    for r in records:
-        entry = dict(image=os.path.relpath(r["image_path"], final))
-        for side in ("chosen", "rejected"):
-            s = r[side]
-            if "path" in s:  # an existing file (ground truth, a prediction folder): referenced, not copied
-                entry[f"{side}_mask"] = os.path.relpath(s["path"], final)
-            else:
-                name = os.path.join("masks", f"{r['stem']}__{s['tag']}.png")
-                if not os.path.exists(os.path.join(tmp, name)):
-                    mask = np.unpackbits(s["bits"], count=int(np.prod(s["shape"]))).reshape(s["shape"])
-                    Image.fromarray(mask * np.uint8(255)).save(os.path.join(tmp, name))
-                entry[f"{side}_mask"] = name
-        entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
-                     iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
-        if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
-            entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"], rejected_score=r["rejected"]["score"],
-                         score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
-                         **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
-                            for side in ("chosen", "rejected") for k in SCORE_PARTS})
-        entries.append(entry)
-    if entries:  # none passed: summary.json alone, its `skipped` says why
-        write_json(os.path.join(tmp, PAIRS_FILE), entries)
-        load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
-    write_json(os.path.join(tmp, "summary.json"), summary)
-    publish_folder(tmp, final, args.overwrite)  # pairs another run published meanwhile are never removed
-    return entries
+    with atomic_folder(final, args.overwrite) as tmp:
+        os.makedirs(os.path.join(tmp, "masks"))
+        entries = []
+        for r in records:
+            entry = dict(image=os.path.relpath(r["image_path"], final))
+            for side in ("chosen", "rejected"):
+                s = r[side]
+                if "path" in s:  # an existing file (ground truth, a prediction folder): referenced, not copied
+                    entry[f"{side}_mask"] = os.path.relpath(s["path"], final)
+                else:
+                    name = os.path.join("masks", f"{r['stem']}__{s['tag']}.png")
+                    if not os.path.exists(os.path.join(tmp, name)):
+                        mask = np.unpackbits(s["bits"], count=int(np.prod(s["shape"]))).reshape(s["shape"])
+                        Image.fromarray(mask * np.uint8(255)).save(os.path.join(tmp, name))
+                    entry[f"{side}_mask"] = name
+            entry.update(chosen_iou=r["chosen"]["iou"], rejected_iou=r["rejected"]["iou"],
+                         iou_gap=round(r["chosen"]["iou"] - r["rejected"]["iou"], 6), prompt=args.prompt)
+            if args.rank_by != "iou":  # the MISSION.md fields stay as they are; the ranking is recorded beside them
+                entry.update(rank_by=args.rank_by, chosen_score=r["chosen"]["score"],
+                             rejected_score=r["rejected"]["score"],
+                             score_gap=round(r["chosen"]["score"] - r["rejected"]["score"], 6),
+                             **{f"{side}_{k}": int(r[side][k]) if k == "betti0_error" else round(r[side][k], 6)
+                                for side in ("chosen", "rejected") for k in SCORE_PARTS})
+            entries.append(entry)
+        if entries:  # none passed: summary.json alone, its `skipped` says why
+            write_json(os.path.join(tmp, PAIRS_FILE), entries)
+            load_pairs(os.path.join(tmp, PAIRS_FILE), args.min_iou_gap)  # the file must load back before it is published
+        write_json(os.path.join(tmp, "summary.json"), summary)
 
 
 def gap_summary(gaps, low):

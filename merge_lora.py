@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -27,13 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import cli
-from common.engine import publish_folder, write_json
+from common.files import atomic_folder, current_umask, write_json
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, has_lora, load_stage, parts_of, read_stage_meta
 from common.sa2va import (TINY_MODELS, CheckpointError, Sa2VAProcessor, describe, llm_module, load_model,
                           set_llm_module)
-from common.tiny import TinySa2VAChatModel
-from common.tiny_qwenvl import TinySa2VAQwenVLModel, save_tiny_qwenvl
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
@@ -77,12 +74,6 @@ def base_weights(folder):
             for key in f.keys():
                 out[key] = (shard, ST_DTYPES.get(f.get_slice(key).get_dtype()))
     return out
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def load_dtype(args):
@@ -154,7 +145,7 @@ def main(args):
         raise SystemExit(f"--output_model {out} exists; pass --overwrite to replace it")
     device, dtype = torch.device(args.device), load_dtype(args)
     model, tokenizer = load_model(args.base_model, dtype=dtype, seed=args.seed)
-    released = not isinstance(model, (TinySa2VAChatModel, TinySa2VAQwenVLModel))  # remote code: keep the base's files
+    released = type(model).__module__.startswith("transformers_modules")  # remote code: keep the base's files
     fingerprint = base_fingerprint(model)
     load_stage(model, args.lora_weights)  # refuses a checkpoint of another base model
     reference = mask_logits(model, tokenizer, args, meta, device)
@@ -167,20 +158,15 @@ def main(args):
         prefixes += parts["llm"]
     trained_keys = {k for k in model.state_dict() if k.startswith(prefixes)}
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="merge_", dir=parent)  # dot-free: remote code is imported by folder name
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; publish it like any folder
-    try:
+    # a merge another run published meanwhile is never removed; the temporary folder's name is dot-free:
+    # remote code is imported by folder name
+    with atomic_folder(out, args.overwrite, prefix="merge_") as tmp:
         override = DTYPES[args.dtype] if args.dtype != "auto" else None
         if released:
             n_keys, n_skipped = write_released(model, args.base_model, tmp, override, trained_keys)
-        else:
-            if isinstance(model, TinySa2VAQwenVLModel):
-                save_tiny_qwenvl(model.to(override or dtype), tmp)  # weights + processor
-            else:
-                model.to(override or dtype).save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+        else:  # a tiny model: its weights and config, and its tokenizer (Qwen-VL family: processor)
+            model.to(override or dtype).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
             n_keys, n_skipped = len(model.state_dict()), 0
         del model
         info = dict(base_model=args.base_model, base_fingerprint=fingerprint, lora_weights=args.lora_weights,
@@ -208,10 +194,6 @@ def main(args):
         for f in os.listdir(tmp):  # safetensors writes 0600 files; publish them like the base's
             if os.path.isfile(os.path.join(tmp, f)):
                 os.chmod(os.path.join(tmp, f), 0o666 & ~current_umask())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, out, args.overwrite)  # a merge another run published meanwhile is never removed
     print(f"merged {args.lora_weights} into {args.base_model} -> {out} ({n_keys} weights, {info['wall_s']:.0f} s)")
     return info
 

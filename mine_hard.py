@@ -33,13 +33,12 @@ from tqdm import tqdm
 
 from common import cli
 from common.data import EvalSampler, VesselDataset, file_names, select_split
-from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything, write_json
+from common.engine import all_gather_objects, cleanup, init_distributed, is_main, print0, seed_everything
 from common.evaluation import score_loader
+from common.files import write_json
 from common.forward import (SAMPLE_NOISE_SIGMA, FeatureCache, forward_batch, move_batch, sample_generator,
                             sample_masks)
-from common.lora import load_stage
 from common.rewards import mean_pairwise_disagreement
-from common.sa2va import Sa2VAProcessor, describe, load_model
 
 HARD_THRESHOLD = 0.75  # the methodology's stage-3 definition of a hard sample
 HARD_FILE = "hard_samples.json"
@@ -133,13 +132,13 @@ def dice_buckets(dices, edges=BUCKET_EDGES):
 
 
 @torch.no_grad()
-def disagreement_scores(model, loader, device, args, cache=None, autocast=None):
+def disagreement_scores(model, loader, device, args, cache=None, autocast=contextlib.nullcontext):
     """{dataset index: mean pairwise (1 - IoU) of --num_samples masks sampled from the model} of every
     frame, all ranks. Samples are seeded by frame (the same scores on any number of ranks)."""
     out = {}
     for batch in tqdm(loader, desc="sampling", leave=False, disable=not is_main()):
         batch = move_batch(batch, device)
-        with autocast() if autocast else contextlib.nullcontext():
+        with autocast():
             low_res = forward_batch(model, batch, cache)["low_res_logits"].float().cpu()
         for i, index in enumerate(batch["index"].tolist()):
             masks = sample_masks(model, low_res[i:i + 1], batch["image_sizes"][i], args.num_samples, args.temperature,
@@ -294,14 +293,9 @@ def main(args):
     seed_everything(args.seed)
     frames = select_split(args, args.split)
     dataset = VesselDataset(frames, args.resize_masks)
-    model, tokenizer = load_model(args.model, seed=args.seed)
-    if args.init:
-        load_stage(model, args.init)
-    model.to(device).eval()
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    model, processor, autocast = cli.load_for_inference(args, args.init, device)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
                                          collate_fn=processor, num_workers=args.num_workers)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 and device.type == "cuda" else None
     print0(f"mining {len(dataset)} frames of {args.data} ({args.split}) with {args.init or args.model}")
     cache, disagreement = None, None
     if args.by != "dice":  # two passes: nothing trains, so the second reuses the frozen features of the first

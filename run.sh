@@ -145,7 +145,10 @@ if [ "$TINY" = 1 ] && [ "$GPUS" = 0 ] && [ "$PRESET" = quick ]; then
 fi
 
 banner() { printf '\n==== %s ====\n' "$*"; }
-json_value() { "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
+# a stage with nothing to learn from (no preference pair, no hard frame; its JSON counts 0) is skipped
+nothing_to_learn() {
+  [ -f "$1" ] && [ "$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2")" = 0 ]
+}
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 # a stage's run folder: the newest <OUT>/<stage>/<stage>_* (empty when none)
 run_dir() { ls -d "$OUT/$1/$1"_* 2>/dev/null | sort | tail -n 1 || true; }
@@ -199,28 +202,28 @@ if wants dpo; then
   [ -f "$OUT/pairs/summary.json" ] || \
     "$PYTHON" make_dpo_pairs.py "${COMMON[@]}" --data "$DATA" --init "$SFT" --mode generate --output "$OUT/pairs" || \
     [ -f "$OUT/pairs/summary.json" ]
-  if [ "$(json_value "$OUT/pairs/summary.json" pairs)" -gt 0 ]; then
-    train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" "${DPO_ARGS[@]}"
-  else
+  if nothing_to_learn "$OUT/pairs/summary.json" pairs; then
     echo "dpo: skipped, no preference pair ($OUT/pairs/summary.json); the dpo row is its start, the SFT checkpoint"
+  else
+    train dpo train_dpo.py --init "$SFT" --pairs "$OUT/pairs/dpo_annotations.json" "${DPO_ARGS[@]}"
   fi
 fi
 DPO=$(run_dir dpo)/best
-[ -f "$DPO/stage.json" ] || DPO=$SFT  # skipped: the next stage starts where DPO would have
+if nothing_to_learn "$OUT/pairs/summary.json" pairs; then DPO=$SFT; fi  # its row is its start; hard starts there
 
 if wants hard; then
   banner "stage 3: hard-sample mining (Dice < $HARD_DICE$([ "${STILL_IMAGES:-0}" = 1 ] || echo ', temporal clusters')) and hard training"
   [ -f "$OUT/mine/hard_samples.json" ] || \
     "$PYTHON" mine_hard.py "${COMMON[@]}" --data "$DATA" --init "$DPO" --split train --output "$OUT/mine" --plot \
       "${MINE_ARGS[@]}"
-  if [ "$(json_value "$OUT/mine/hard_samples.json" hard_count)" -gt 0 ]; then
-    train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" "${MINE_ARGS[@]}" "${HARD_ARGS[@]}"
-  else
+  if nothing_to_learn "$OUT/mine/hard_samples.json" hard_count; then
     echo "hard: skipped, no train frame below Dice $HARD_DICE ($OUT/mine/hard_samples.json); the hard row is its start"
+  else
+    train hard train_hard.py --init "$DPO" --hard_list "$OUT/mine/hard_samples.json" "${MINE_ARGS[@]}" "${HARD_ARGS[@]}"
   fi
 fi
 HARD=$(run_dir hard)/best
-[ -f "$HARD/stage.json" ] || HARD=$DPO
+if nothing_to_learn "$OUT/mine/hard_samples.json" hard_count; then HARD=$DPO; fi
 
 if wants ppo; then
   banner "RL alternative: PPO with segmentation rewards, from the SFT model"

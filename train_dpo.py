@@ -42,16 +42,15 @@ import time
 import torch
 
 from common import cli
-from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
+from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_split, splits_from_args
 from common.engine import (all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
-                           is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions,
-                           write_json)
+                           is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.evaluation import collapse_warning, validate
+from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
 from common.pairs import PairDataset, disputed_share, load_pairs
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "dpo"
 REFERENCE_FILE = "reference_logps.json"
@@ -151,15 +150,11 @@ def main(args):
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     disable_dropout(model)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
 
-    _, val_frames = build_splits(args.data, args.val_fraction, args.seed, 0, args.max_val_samples, args.video_regex,
-                                 args.resize_masks, data_format=args.data_format,
-                                 allow_empty_annotations=args.allow_empty_annotations,
-                                 mask_rule=MaskRule.from_args(args))
+    _, val_frames = splits_from_args(args)
     train_pairs, held_pairs = split_pairs(args, load_pairs(args.pairs, args.min_iou_gap, args.video_regex), val_frames)
     train_pairs = train_pairs[:args.max_train_samples or None]
     held_pairs = held_pairs[:args.max_val_samples or None]  # --max_val_samples caps both validation sets

@@ -30,15 +30,16 @@ import torch
 from PIL import Image
 
 from common import cli
-from common.data import (VIEWS, DataError, EvalSampler, MaskRule, VesselDataset, area_curriculum, build_splits,
-                         describe_split, dihedral, frame_mask, image_size, view_key)
+from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, area_curriculum, describe_split, dihedral,
+                         frame_mask, image_size, splits_from_args, view_key)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
+                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
-from common.forward import FeatureCache, forward_batch, full_size_logits, llm_is_frozen, move_batch
+from common.files import write_json
+from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import segmentation_loss
-from common.sa2va import Sa2VAProcessor, describe, pre_seg_modules
+from common.sa2va import family
 
 STAGE = "hard"
 
@@ -152,7 +153,7 @@ def train_mode(model):
     (LoRA's, say) changes features that are cached as constants."""
     model.train()
     if llm_is_frozen(model):
-        for m in pre_seg_modules(model):
+        for m in family(model).pre_seg_modules(model):
             m.eval()
     model.grounding_encoder.sam2_model.image_encoder.eval()
 
@@ -228,14 +229,9 @@ def main(args):
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     if not val_frames:
         raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -265,9 +261,7 @@ def main(args):
     if state["hard"] is None:  # --mine: before the engine, to plan the schedule on the real hard count,
         # in the dtype training will use (DeepSpeed bf16 casts the module itself; plain torch autocasts)
         model.to(device=device, dtype=torch.bfloat16 if deepspeed_on and args.bf16 else None)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 and not deepspeed_on \
-            else None
-        state["hard"] = mine("mining train", autocast)
+        state["hard"] = mine("mining train", bf16_autocast(args.bf16 and not deepspeed_on, device))
     planned = len(state["hard"])  # the schedule follows the first round's size (later rounds' may differ)
     easy = sorted(set(range(len(train_frames))) - set(state["hard"]))
     n_easy = round(args.easy_ratio * len(easy))

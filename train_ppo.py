@@ -62,17 +62,17 @@ import torch
 import torch.nn as nn
 
 from common import cli
-from common.data import EvalSampler, MaskRule, ShardedSampler, VesselDataset, build_splits, describe_split
+from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_split, splits_from_args
 from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
                            gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
-                           save_trainer_state, start_run, versions, write_json)
+                           save_trainer_state, start_run, use_deepspeed, versions)
 from common.evaluation import collapse_warning, score_loader, summarize
+from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
 from common.lora import base_fingerprint, save_stage
 from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,
                            normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import REWARDS, cldice, make_reward
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "ppo"
 CRITIC = "ppo_value_head"  # the critic's attribute on the model (kept out of stage checkpoints)
@@ -293,13 +293,12 @@ def validate_with_reward(model, loader, val_masks, device, args, cache, autocast
 
 def main(args):
     # ---- setup
-    check_args(args, cli.use_deepspeed(args))
+    check_args(args, use_deepspeed(args))
     reward_fn = build_reward(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     param_groups = [dict(params=[p for p in model.parameters() if p.requires_grad])]
     if args.advantage == "critic":
         setattr(model, CRITIC, ValueHead(model.grounding_encoder.hidden_dim))
@@ -309,11 +308,7 @@ def main(args):
     logger.line(f"reward: {args.reward_type}, weights {reward_fn.base_weights}, recall target "
                 f"{reward_fn.recall_target}, dynamic recall {reward_fn.dynamic_recall}")
 
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)

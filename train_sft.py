@@ -19,15 +19,15 @@ import time
 import torch
 
 from common import cli
-from common.data import (AugmentedViews, EvalSampler, MaskRule, ShardedSampler, VesselDataset, area_curriculum,
-                         build_splits, describe_split)
+from common.data import (AugmentedViews, EvalSampler, ShardedSampler, VesselDataset, area_curriculum, describe_split,
+                         splits_from_args)
 from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions, write_json)
+                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
 from common.evaluation import collapse_warning, validate
+from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
 from common.lora import base_fingerprint, save_stage
 from common.losses import segmentation_loss, text_loss
-from common.sa2va import Sa2VAProcessor, describe
 
 STAGE = "sft"
 SFT_POS_WEIGHT = "1"  # plain BCE as the mission's Dice + BCE; README "Why SFT collapsed" measures `balanced`
@@ -52,16 +52,11 @@ def parse_args(argv=None):
 
 def main(args):
     # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
 
-    model, tokenizer, parts = cli.setup_model(args, log=logger.line)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     train_set = VesselDataset(train_frames, args.resize_masks)
     if args.augment:
         train_set = AugmentedViews(train_set, args.seed)

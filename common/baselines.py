@@ -34,7 +34,6 @@ training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume). `eval
 import argparse
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -44,12 +43,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common.data import (DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, build_splits, frame_mask,
-                         read_image)
-from common.engine import (RunLogger, publish_folder, build_engine, load_trainer_state, log_train_window, make_run_dir,
-                           save_trainer_state, seed_everything, write_json)
+from common import cli
+from common.data import frame_mask, read_image, splits_from_args
+from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
+                           save_trainer_state, seed_everything)
+from common.files import atomic_folder, write_json
 from common.losses import segmentation_loss
 from common.rewards import overlap_metrics
+from common.sa2va import CheckpointError
 
 # ----------------------------------------------------------------------------- Frangi (no learning)
 
@@ -249,20 +250,17 @@ class CropSampler:
 
 
 def save_unet(model, out_dir, meta):
-    """best/ or final/: unet.safetensors + unet.json, written to `<dir>.tmp` and swapped in, so a
-    killed run never leaves a half checkpoint (as common.lora.save_stage)."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, UNET_FILE))
-    write_json(os.path.join(tmp, UNET_META), meta)
-    publish_folder(tmp, out_dir, overwrite=True)
+    """best/ or final/: unet.safetensors + unet.json, written whole and swapped in, so a killed run
+    never leaves a half checkpoint (as common.lora.save_stage)."""
+    with atomic_folder(out_dir, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, UNET_FILE))
+        write_json(os.path.join(tmp, UNET_META), meta)
 
 
 def unet_checkpoint(path):
     """The U-Net checkpoint folder (holding unet.json) of a run folder or of its best/ or final/;
     CheckpointError naming `path` when it is none (a Sa2VA stage checkpoint included)."""
-    from common.sa2va import CheckpointError  # imported here: common.sa2va loads transformers (~10 s)
     for candidate in (path, os.path.join(path, "best")):
         if os.path.isfile(os.path.join(candidate, UNET_META)):
             return candidate
@@ -300,22 +298,10 @@ def versions():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m common.baselines", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data (the same flags and defaults as the stages, so the split is theirs)")
-    g.add_argument("--data", required=True, help="data folder: images/ + masks/, or images/ + annotations.json")
-    g.add_argument("--data_format", default="auto", choices=DATA_FORMATS, help="layout of --data")
-    g.add_argument("--allow_empty_annotations", action="store_true", help="as in the stages")
-    g.add_argument("--val_fraction", type=float, default=0.2, help="share of VIDEOS held out without splits.json")
-    g.add_argument("--max_train_samples", type=int, default=0, help="cap on training frames (0 = all)")
-    g.add_argument("--max_val_samples", type=int, default=0, help="cap on validation frames (0 = all)")
-    g.add_argument("--video_regex", default=VIDEO_REGEX, help="regex with groups video and frame")
-    g.add_argument("--still_images", action="store_true", help="every image its own video (as in the stages)")
-    g.add_argument("--mask_rule", default="auto", choices=MASK_RULES, help="how mask values become vessel (as in the stages)")
-    g.add_argument("--vessel_values", default=None, help="the vessel values with --mask_rule values (as in the stages)")
-    g.add_argument("--resize_masks", action="store_true", help="as in the stages")
-    g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a vessel pixel (validation)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
+    p = cli.Parser(prog="python -m common.baselines", description=__doc__.split("\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_data_args(p)  # the stages' own data flags and defaults, so the split is theirs
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
     g = p.add_argument_group("U-Net (preset values unless given)")
     g.add_argument("--preset", choices=("auto",) + tuple(UNET_PRESETS), default="auto",
                    help="strong: width 32, 256 px crops, batch 8, 3000 steps, lr 1e-3; small: width 8, 96 px crops, "
@@ -336,14 +322,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_every", type=int, default=0, help="steps between validations and best/ (0 = 10 per run)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     g.add_argument("--resume", default=None, help="run folder of a killed run to continue from its last checkpoint")
-    args = p.parse_args(argv)
-    if args.still_images:
-        args.video_regex = None
-    try:
-        MaskRule.from_args(args)
-    except DataError as e:
-        p.error(str(e))
-    return args
+    return cli.parse(p, argv)
 
 
 def resolve_preset(args, device):
@@ -367,11 +346,7 @@ def train_unet(args):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     run_dir = make_run_dir(args.output, STAGE, args.resume)
     logger = RunLogger(run_dir)
-    train_frames, val_frames = build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples,
-                                            args.max_val_samples, args.video_regex, args.resize_masks,
-                                            data_format=args.data_format,
-                                            allow_empty_annotations=args.allow_empty_annotations,
-                                            mask_rule=MaskRule.from_args(args))
+    train_frames, val_frames = splits_from_args(args)
     if not train_frames:
         raise SystemExit(f"{args.data}: the train split is empty; nothing to train the U-Net on")
     sampler = CropSampler(train_frames, args.crop, args.batch_size, args.seed, args.flips, args.rot90, device)

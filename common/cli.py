@@ -10,9 +10,11 @@ import sys
 import torch
 
 from common.data import CURRICULA, DATA_FORMATS, MASK_RULES, VIDEO_REGEX, DataError, MaskRule, check_video_regex
-from common.engine import RunError
+from common.files import RunError
+from common.forward import bf16_autocast
 from common.lora import LORA_PRESETS, apply_lora, count_parameters, has_lora, load_stage, set_trainable
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, llm_module, load_model
+from common.sa2va import (DEFAULT_ANSWER, DEFAULT_PROMPT, TINY, TINY_QWENVL, CheckpointError, Sa2VAProcessor, describe,
+                          llm_module, load_model)
 
 DEBUG_ENV = "SA2VA_DEBUG"  # set to 1: errors show their Python traceback, as --debug does
 # Errors a user can fix (bad data, a bad checkpoint, an output another run holds, the file system
@@ -273,11 +275,6 @@ def run_main(main, parse_args, argv=None):
         sys.exit(1)
 
 
-def use_deepspeed(args):
-    from common.engine import launched_by_deepspeed
-    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
-
-
 def compile_decoder_layers(llm, backend="inductor"):
     """torch.compile every decoder layer of the LLM in place (regional compilation: the layers share one
     compiled graph, so compiling costs about one layer). Returns how many were compiled."""
@@ -287,10 +284,25 @@ def compile_decoder_layers(llm, backend="inductor"):
     return len(layers)
 
 
+def load_for_inference(args, init, device, bf16_weights=False, base=None):
+    """(model, processor, autocast) to score or predict with: the base model (`base`, else --model) +
+    the stage checkpoint `init`, in eval mode on `device`, and the processor of --prompt / --answer.
+    --bf16 autocasts on a GPU only (CPU bf16 kernels are slower and round differently);
+    `bf16_weights` also loads the weights in bf16 (the prediction path, as the released inference)."""
+    model, tokenizer = load_model(base or args.model, dtype=torch.bfloat16 if bf16_weights else torch.float32,
+                                  seed=args.seed)
+    if init:
+        load_stage(model, init)
+    model.to(device).eval()
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, getattr(args, "prompt", DEFAULT_PROMPT),
+                               getattr(args, "answer", DEFAULT_ANSWER))
+    return model, processor, bf16_autocast(args.bf16 and device.type == "cuda", device)
+
+
 def setup_model(args, log=print):
-    """Base model + optional --init stage + optional new LoRA + the trainable parts. Returns the
-    model, its tokenizer and the parts its checkpoints hold: the trained ones and those the --init
-    checkpoint holds (a stage checkpoint stands on the base model alone)."""
+    """(model, processor of --prompt / --answer, parts its checkpoints hold): the base model + optional
+    --init stage + optional new LoRA, with only the --trainable parts trainable. The parts held are the
+    trained ones and those the --init checkpoint holds (a stage checkpoint stands on the base model alone)."""
     # bf16 runs load bf16 weights: a 26B model in fp32 would need ~100 GB of host memory per
     # process. What trains is cast back to fp32 below (plain torch keeps fp32 masters and
     # autocasts; DeepSpeed bf16 keeps its own fp32 masters)
@@ -321,4 +333,5 @@ def setup_model(args, log=print):
         log(f"torch.compile: {compile_decoder_layers(llm_module(model))} LLM decoder layers")
     trainable, total = count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {', '.join(parts)}")
-    return model, tokenizer, parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]
+    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
+    return model, processor, parts + [p for p in init_parts if p not in parts and p not in ("lora", "llm")]

@@ -73,7 +73,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -81,6 +80,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from common.files import atomic_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_REGEX = r"^(?P<video>.+?)_(?:frame_?)?(?P<frame>\d+)$"
@@ -765,6 +766,14 @@ def build_splits(root, val_fraction=0.2, seed=0, max_train_samples=0, max_val_sa
     return train, val
 
 
+def splits_from_args(args):
+    """build_splits of --data with the shared data flags (common.cli.add_data_args): the training scripts'
+    (train frames, val frames)."""
+    return build_splits(args.data, args.val_fraction, args.seed, args.max_train_samples, args.max_val_samples,
+                        args.video_regex, args.resize_masks, data_format=args.data_format,
+                        allow_empty_annotations=args.allow_empty_annotations, mask_rule=MaskRule.from_args(args))
+
+
 class ShardedSampler(torch.utils.data.Sampler):
     """Training order: a seeded permutation per epoch, split over ranks; with a `curriculum`
     (AreaCurriculum), that epoch's frames in its order instead.
@@ -905,10 +914,7 @@ def to_masks(root, out=None, allow_empty_annotations=False):
     if os.path.exists(out):
         raise DataError(f"{out}: already exists; remove it or pick another --out")
     frames = scan_folder(root, data_format="annotations", allow_empty_annotations=allow_empty_annotations)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=os.path.dirname(out))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    with atomic_folder(out) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
         os.makedirs(os.path.join(tmp, "masks"))
         for f in tqdm(frames, desc=f"writing {out}", leave=False, disable=len(frames) < 200):
@@ -920,10 +926,6 @@ def to_masks(root, out=None, allow_empty_annotations=False):
             Image.fromarray(frame_mask(f).astype(np.uint8) * 255).save(os.path.join(tmp, "masks", f.key + ".png"))
         if os.path.isfile(os.path.join(root, SPLITS_FILE)):
             shutil.copy2(os.path.join(root, SPLITS_FILE), os.path.join(tmp, SPLITS_FILE))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, len(frames)
 
 

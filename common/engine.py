@@ -18,16 +18,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class RunError(RuntimeError):
-    """A run that cannot go on as asked (an output another run holds, --resume with other arguments);
-    the message says what and why."""
+from common.files import RunError, write_json
+from common.forward import bf16_autocast
 
 
 # ---------------------------------------------------------------- processes
 
 def launched_by_deepspeed():
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def use_deepspeed(args):
+    """--engine: deepspeed, torch, or auto = DeepSpeed when launched by `deepspeed`."""
+    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
 
 
 def init_distributed(use_deepspeed):
@@ -149,16 +152,11 @@ class TorchEngine:
     def __init__(self, model, optimizer, scheduler, grad_accum, grad_clip, bf16, device):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast = bf16_autocast(bf16, device)
         self.device = device
         self.micro_steps = 0
         self.global_steps = 0
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro_steps + 1) % self.grad_accum == 0
@@ -311,17 +309,18 @@ def check_resume_args(run_dir, args):
 LATEST = "latest"
 
 
-def save_resume_point(engine, run_dir, step, client_state, keep=2):
-    """Engine + trainer state at `checkpoints/step_<n>`, written to a temporary folder and
-    renamed, then `checkpoints/latest` updated atomically; older ones pruned to `keep`."""
+def save_trainer_state(engine, run_dir, state, keep=2):
+    """A resume point of the run at `checkpoints/step_<n>`: the engine (weights that train, optimizer,
+    scheduler) plus the loop's `state` dict and every RNG, written to a temporary folder and renamed,
+    then `checkpoints/latest` updated atomically; older ones pruned to `keep`."""
     root = os.path.join(run_dir, "checkpoints")
-    tag = f"step_{step:07d}"
+    tag = f"step_{state['step']:07d}"
     tmp_root = os.path.join(root, "tmp")
     if is_main():
         shutil.rmtree(os.path.join(tmp_root, tag), ignore_errors=True)
         os.makedirs(tmp_root, exist_ok=True)
     barrier()
-    engine.save_checkpoint(tmp_root, tag, client_state=client_state)
+    engine.save_checkpoint(tmp_root, tag, client_state=dict(trainer=state, rng=rng_state()))
     barrier()
     if is_main():
         if os.path.isdir(os.path.join(root, tag)):  # saved twice at one step (--save_every at an epoch's end):
@@ -336,34 +335,17 @@ def save_resume_point(engine, run_dir, step, client_state, keep=2):
     barrier()
 
 
-def load_resume_point(engine, run_dir):
-    """Client state of the latest checkpoint of `run_dir`, or None when it has none."""
-    root = os.path.join(run_dir, "checkpoints")
-    latest = os.path.join(root, LATEST)
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    if hasattr(engine, "zero_optimization_stage"):
-        _, client_state = engine.load_checkpoint(root, tag)
-    else:
-        client_state = engine.load_checkpoint(root, tag)
-    return client_state
-
-
-def save_trainer_state(engine, run_dir, state):
-    """A resume point of the run: the engine (weights that train, optimizer, scheduler) plus the
-    loop's `state` dict and every RNG."""
-    save_resume_point(engine, run_dir, state["step"], dict(trainer=state, rng=rng_state()))
-
-
 def load_trainer_state(engine, run_dir, state, log):
     """`--resume`: the loop's state saved at the run's last resume point (engine and RNGs
     restored), or `state` unchanged when the run has none yet."""
-    client = load_resume_point(engine, run_dir)
-    if client is None:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.exists(os.path.join(root, LATEST)):
         log(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
         return state
+    with open(os.path.join(root, LATEST)) as f:
+        tag = f.read().strip()
+    client = engine.load_checkpoint(root, tag)
+    client = client[1] if hasattr(engine, "zero_optimization_stage") else client  # DeepSpeed: (path, client state)
     set_rng_state(client["rng"])
     state = client["trainer"]
     log("resumed at " + ", ".join(f"{k} {state[k]}" for k in ("round", "epoch", "step") if k in state))
@@ -373,7 +355,6 @@ def load_trainer_state(engine, run_dir, state, log):
 def start_run(args, stage):
     """The setup every training script begins with: processes, seeds, run folder, logger.
     Returns (use_deepspeed, rank, world_size, device, run_dir, logger)."""
-    from common.cli import use_deepspeed
     deepspeed_on = use_deepspeed(args)
     if args.resume:  # before anything loads or is written
         check_resume_args(args.resume, args)
@@ -477,45 +458,3 @@ def versions():
     import transformers
     return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__)
-
-
-def write_json(path, obj, overwrite=True):
-    """Atomic JSON write: a temporary file of this process (two runs writing one path must not
-    share it), then renamed. overwrite=False refuses an existing `path` (RunError), atomically:
-    of two runs publishing one file, exactly one succeeds. (os.urandom, not `random`: a save must not
-    move the run's seeded RNG.)"""
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    with open(tmp, "x") as f:
-        json.dump(obj, f, indent=2, default=str)
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails when path exists, unlike a rename
-    except FileExistsError:
-        raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if os.path.exists(path):
-            raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def publish_folder(tmp, final, overwrite=False):
-    """Rename the finished folder `tmp` to `final`. An existing `final` is replaced only with
-    `overwrite` (moved aside first, removed once the new one is in place); otherwise RunError, and
-    `tmp` is kept so that nothing is lost: another run published `final` after this one started."""
-    if os.path.exists(final):
-        if not overwrite:
-            raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}")
-        old = f"{final}.old.{os.getpid()}.{os.urandom(4).hex()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, final)
-    except OSError:  # created meanwhile (a non-empty folder cannot be renamed over)
-        raise RunError(f"{final}: another run wrote it while this one ran; this run's result is in {tmp}") from None

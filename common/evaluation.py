@@ -6,15 +6,15 @@ records are gathered, so the reported Dice is the Dice of the whole split on any
 of processes. The mean Dice is the mean over samples (the methodology's "mean Dice");
 the global Dice pools the pixel counts of the split.
 """
+import contextlib
+
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from common.engine import all_gather_objects, is_main
 from common.forward import forward_batch, full_size_logits, move_batch
 from common.rewards import metrics_from_counts, overlap_counts
-from common.video import segment_video
 
 METRICS = ("dice", "iou", "precision", "recall")
 # A collapsed segmenter answers every frame with an empty mask, or with (nearly) the whole frame
@@ -23,15 +23,15 @@ COLLAPSED = 0.5  # share of the frames with vessel whose masks are degenerate th
 
 
 @torch.no_grad()
-def predict_probabilities(model, batch, cache=None, autocast=None):
+def predict_probabilities(model, batch, cache=None, autocast=contextlib.nullcontext):
     """Per-sample (H, W) float32 vessel probabilities at the original image size."""
-    with autocast() if autocast else torch.autocast("cpu", enabled=False):
+    with autocast():
         out = forward_batch(model, batch, cache=cache)
     return [logits.sigmoid() for logits in full_size_logits(model, out["low_res_logits"], batch["image_sizes"])]
 
 
 @torch.no_grad()
-def score_loader(model, loader, device, thresholds=(0.5,), cache=None, autocast=None, desc="scoring",
+def score_loader(model, loader, device, thresholds=(0.5,), cache=None, autocast=contextlib.nullcontext, desc="scoring",
                  keep_probs=False):
     """Records for every sample of the loader's dataset over all ranks, in dataset order:
     dict(key, index, tp/fp/fn per threshold, dice/iou/precision/recall per threshold).
@@ -95,46 +95,6 @@ def gather_records(records):
     return records
 
 
-def video_groups(frame_ids):
-    """{video: [positions in frame order]} of a list of (video, frame index) pairs, videos sorted."""
-    groups = {}
-    for i, (video, _) in enumerate(frame_ids):
-        groups.setdefault(video, []).append(i)
-    return {v: sorted(idx, key=lambda i: frame_ids[i][1]) for v, idx in sorted(groups.items())}
-
-
-@torch.no_grad()
-def video_probabilities(model, processor, frame_ids, load, device, autocast=None, desc="videos", **video_args):
-    """Yields (position, sample, probabilities (H, W) float32 on the CPU) for every frame of this rank's
-    share of the videos, segmented with SAM2's video memory (`common.video.segment_video`). Videos are
-    sharded over ranks whole (a video's memory needs all its frames on one rank). frame_ids: (video,
-    frame index) per position; load(position) -> a sample dict with `image`."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for positions in tqdm(list(video_groups(frame_ids).values())[rank::world], desc=desc, leave=False,
-                          disable=not is_main()):
-        samples = [load(i) for i in positions]
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            probs = segment_video(model, processor, [s["image"] for s in samples], device, **video_args)
-        for i, s, p in zip(positions, samples, probs):
-            yield i, s, p.float().cpu()
-
-
-@torch.no_grad()
-def score_videos(model, processor, dataset, device, thresholds=(0.5,), autocast=None, desc="scoring videos",
-                 keep_probs=False, **video_args):
-    """score_loader's records, the frames segmented video by video with SAM2's memory."""
-    thresholds = torch.tensor(thresholds, dtype=torch.float32)
-    records, probs_out = [], {}
-    frame_ids = [(f.video, f.frame) for f in dataset.frames]
-    for i, sample, probs in video_probabilities(model, processor, frame_ids, dataset.__getitem__, device, autocast,
-                                                desc, **video_args):
-        records.append(frame_record(sample["key"], i, probs, sample["mask"], thresholds))
-        if keep_probs:
-            probs_out[sample["key"]] = probs
-    records = gather_records(records)
-    return (records, probs_out) if keep_probs else records
-
-
 def summarize(records, thresholds):
     """{threshold: {mean_dice, ..., global_dice, ...}} over the records."""
     out = {}
@@ -149,7 +109,7 @@ def summarize(records, thresholds):
     return out
 
 
-def validate(model, loader, device, threshold=0.5, cache=None, autocast=None):
+def validate(model, loader, device, threshold=0.5, cache=None, autocast=contextlib.nullcontext):
     """Mean Dice/IoU/precision/recall of a split at one threshold (all ranks agree)."""
     records = score_loader(model, loader, device, (threshold,), cache=cache, autocast=autocast, desc="validating")
     return summarize(records, (threshold,))[float(threshold)]

@@ -32,8 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import qwenvl
-from common.sa2va import QWENVL, family, pre_seg_modules, unwrap_llm
+from common.sa2va import family
 
 
 def model_dtype(module):
@@ -46,44 +45,17 @@ def requires_grad(module):
 
 def llm_is_frozen(model):
     """True when nothing before the [SEG] hidden state trains (LLM, LoRA, mlp1, vision)."""
-    return not any(requires_grad(m) for m in pre_seg_modules(model))
-
-
-def vision_is_frozen(model):
-    return not (requires_grad(model.vision_model) or requires_grad(model.mlp1))
-
-
-def image_embeddings(model, pixel_values):
-    """Vision encoder + mlp1 for all tiles of the batch: (tiles, tokens per tile, hidden)."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_is_frozen(model)):
-        return model.extract_feature(pixel_values.to(model_dtype(model.vision_model)))
-
-
-def cached_image_embeddings(model, batch, cache=None):
-    """image_embeddings of the batch, served from / stored in `cache` when the vision encoder
-    and mlp1 are frozen (their output is then a constant of the sample)."""
-    keys = batch["keys"]
-    if cache is None or not vision_is_frozen(model):
-        return image_embeddings(model, batch["pixel_values"])
-    vit = cache.get("vit", keys, batch["input_ids"].device)
-    if vit is None:
-        vit = image_embeddings(model, batch["pixel_values"])
-        tiles = ((batch["input_ids"] == model.img_context_token_id).sum(1) // vit.shape[1]).tolist()
-        cache.put("vit", keys, list(vit.split(tiles)))
-    return vit
+    return not any(requires_grad(m) for m in family(model).pre_seg_modules(model))
 
 
 def llm_forward(model, batch, with_text_logits=False, cache=None):
     """Teacher-forced LLM forward. Returns (seg_hidden (B, h), answer logits or None).
 
-    `seg_hidden` is the last layer's hidden state at each sample's [SEG] input position (InternVL
-    family: post-norm; Qwen-VL: as `model.seg_hidden_state` says). Right padding keeps every
+    `seg_hidden` is the last layer's hidden state at each sample's [SEG] input position, before or
+    after the final norm as the model's family says (`seg_convention`). Right padding keeps every
     position and the causal attention of real tokens unchanged, so a batch gives each sample's
     unbatched result."""
-    if family(model) == QWENVL:
-        hidden, seg_hidden = qwenvl.seg_hidden(model, batch)
-    else:
-        hidden, seg_hidden = internvl_hidden(model, batch, cache)
+    hidden, seg_hidden = family(model).seg_hidden(model, batch, cache)
     text_logits = None
     if with_text_logits:
         # position t predicts token t+1: keep the positions whose next token is an answer token
@@ -93,31 +65,19 @@ def llm_forward(model, batch, with_text_logits=False, cache=None):
     return seg_hidden, text_logits
 
 
-def internvl_hidden(model, batch, cache=None):
-    """InternVL family: vision features (from `cache` when frozen) spliced at <IMG_CONTEXT>, the
-    decoder stack -> (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
-    input_ids = batch["input_ids"]
-    embed = model.get_input_embeddings()
-    input_embeds = embed(input_ids)
-    vit = cached_image_embeddings(model, batch, cache).to(input_embeds.dtype)
-    selected = (input_ids == model.img_context_token_id)[..., None]
-    if selected.sum() != vit.shape[0] * vit.shape[1]:
-        raise ValueError(f"{int(selected.sum())} <IMG_CONTEXT> tokens but {vit.shape[0] * vit.shape[1]} image "
-                         f"embeddings: the processor and the model disagree on tokens per tile")
-    input_embeds = input_embeds.masked_scatter(selected, vit)
-    # The decoder stack without lm_head: the vocabulary projection is only needed where the
-    # text loss looks (answer tokens), and at 150k words it would be most of the memory.
-    backbone = unwrap_llm(model.language_model).model
-    hidden = backbone(inputs_embeds=input_embeds, attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden, hidden[rows, batch["seg_index"]]
+def bf16_autocast(enabled, device):
+    """The project's one autocast: a factory of bf16 autocast contexts on `device` when `enabled`, of
+    do-nothing contexts otherwise (`with autocast():` either way). Training under plain torch asks for it
+    with --bf16 (TorchEngine); inference with --bf16 on a GPU (common.cli.load_for_inference)."""
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def sam_autocast(device):
     """The released inference runs SAM2 under bf16 autocast on a GPU (`language_embd_inference`);
     so does this path, or its layer norms and softmaxes would round differently."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return bf16_autocast(device.type == "cuda", device)()
 
 
 def sam_encoder_is_frozen(model):
@@ -175,7 +135,8 @@ class FeatureCache:
 
     The SAM2 FPN maps while the image encoder is frozen (unless `sam_encoder` trains). When
     `llm_is_frozen(model)`, the [SEG] hidden state; otherwise, when the vision encoder and mlp1
-    are frozen (stage 1 trains LoRA only), their image embeddings (~1 MB per 448 px tile at 2048 hidden, bf16).
+    are frozen (stage 1 trains LoRA only), their image embeddings (~1 MB per 448 px tile at 2048
+    hidden, bf16).
     Entries live on `device` (the GPU when it fits, else "cpu"); keys must identify sample +
     prompt + answer + augmentation view."""
 

@@ -73,8 +73,6 @@ then train on --out.
 import argparse
 import os
 import re
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -89,7 +87,7 @@ from tqdm import tqdm
 from common import cli
 from common.data import (IMAGE_EXTENSIONS, VIDEO_REGEX, WIDE_MODES, DataError, file_names, parse_video, read_image,
                          to_8bit)
-from common.engine import RunError, publish_folder, write_json
+from common.files import RunError, atomic_folder, write_json
 
 MOVIE_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -545,17 +543,12 @@ def write_drafts(out, stems, args):
 
     from common.evaluation import predict_probabilities
     from common.forward import move_batch
-    from common.lora import load_stage, read_stage_meta
-    from common.sa2va import Sa2VAProcessor, describe, load_model
+    from common.lora import read_stage_meta
 
     base = args.model or read_stage_meta(args.init).get("base_model") or "tiny"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.bf16 and device.type == "cuda"
-    model, tokenizer = load_model(base, dtype=torch.bfloat16 if bf16 else torch.float32, seed=args.seed)
-    load_stage(model, args.init)
-    model.to(device).eval()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None  # as evaluate.py --bf16
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
+    # as evaluate.py --predict_only: the same masks
+    model, processor, autocast = cli.load_for_inference(args, args.init, device, bf16_weights=args.bf16, base=base)
     os.makedirs(os.path.join(out, "drafts"))
     note = DRAFT_NOTE.format(checkpoint=args.init)
     info = PngImagePlugin.PngInfo()
@@ -604,7 +597,8 @@ def build_parser():
     g.add_argument("--model", default=None, help="base model of --init (default: the base_model its stage.json names)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a draft's vessel pixel")
     g.add_argument("--batch_size", type=int, default=8, help="frames per forward pass of the drafts")
-    g.add_argument("--bf16", action="store_true", help="drafts in bf16 on a GPU (as evaluate.py --bf16)")
+    g.add_argument("--bf16", action="store_true",
+                   help="drafts with bf16 weights (autocast on a GPU), as evaluate.py --predict_only --bf16")
     return p
 
 
@@ -622,9 +616,9 @@ def describe_run(entry):
             + (f"; {entry['saturated']:.1%} of pixels outside the file's window" if entry.get("saturated") else "") + ")")
 
 
-def prepare_out(out, overwrite, videos):
-    """The temporary folder this run writes, beside --out; refuses a non-empty --out without --overwrite,
-    and an --out that holds the videos (--overwrite would delete them)."""
+def check_out(out, overwrite, videos):
+    """Refuse a non-empty --out without --overwrite, and an --out that holds the videos (--overwrite
+    would delete them)."""
     out = os.path.abspath(out)
     if os.path.commonpath([out, os.path.abspath(videos)]) == out:
         raise RunError(f"{out}: holds the videos (--videos {videos}); write the frames somewhere else")
@@ -632,10 +626,7 @@ def prepare_out(out, overwrite, videos):
         raise RunError(f"{out}: is a file; --out must be a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise RunError(f"{out}: exists and is not empty; pass --overwrite to replace it, or pick another --out")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=os.path.dirname(out))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    return out, tmp
+    return out
 
 
 def main(args):
@@ -644,8 +635,8 @@ def main(args):
         from common.lora import read_stage_meta
         read_stage_meta(args.init)
     runs = find_runs(args.videos, skip={os.path.abspath(args.out)})
-    out, tmp = prepare_out(args.out, args.overwrite, args.videos)
-    try:
+    out = check_out(args.out, args.overwrite, args.videos)
+    with atomic_folder(out, overwrite=args.overwrite) as tmp:  # a race lost keeps tmp, and says where it is
         os.makedirs(os.path.join(tmp, "images"))
         if args.strips:
             os.makedirs(os.path.join(tmp, "strips"))
@@ -672,12 +663,8 @@ def main(args):
         write_json(os.path.join(tmp, "manifest.json"), dict(
             generator="common.frames", videos_folder=os.path.abspath(args.videos), rule=rule, drafts=drafts,
             frames=frames, runs=entries))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)  # an empty --out holds no one's result
-    publish_folder(tmp, out, overwrite=args.overwrite)  # a race lost keeps tmp, and says where it is
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # an empty --out holds no one's result
     print(f"wrote {len(frames)} frames of {len(entries)} runs to {out} (images/, manifest.json"
           f"{', strips/' if args.strips else ''}{', drafts/ (DRAFT masks, not ground truth)' if drafts else ''}) in "
           f"{time.time() - start:.1f} s; label masks/<same name>.png, then train on {out}")

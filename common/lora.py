@@ -5,50 +5,21 @@ SFT -> DPO -> hard by `--init`):
     adapter_config.json, adapter_model.safetensors   the PEFT adapter of the LLM (if any)
     trained_parts.safetensors                         text_hidden_fcs, mask decoder, ... weights
     stage.json                                        base model, its fingerprint, parts, run args
-It is written to `<dir>.tmp` and renamed, so a killed run never leaves a half checkpoint.
+It is written to a temporary folder and renamed, so a killed run never leaves a half checkpoint.
 """
 import hashlib
 import json
 import os
-import shutil
+from contextlib import nullcontext
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.engine import publish_folder
-from common.sa2va import QWENVL, CheckpointError, check_safetensors, family, llm_module, set_llm_module, unwrap_llm
+from common.files import atomic_folder, write_json
+from common.internvl import unwrap
+from common.sa2va import CheckpointError, check_safetensors, family, llm_module, set_llm_module
 
 LORA_PRESETS = {"small": (16, 32), "medium": (32, 64), "large": (64, 128)}
-# Attention projections of each LLM family (the mission's q,k,v,o), and the MLP ones.
-LORA_TARGETS = {
-    "InternLM2ForCausalLM": (["attention.wqkv", "attention.wo"], ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]),
-    "Phi3ForCausalLM": (["self_attn.qkv_proj", "self_attn.o_proj"], ["mlp.gate_up_proj", "mlp.down_proj"]),
-    "Qwen2ForCausalLM": (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-                         ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-}
-LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
-# The Qwen-VL family adapts the whole Qwen-VL model: these names match only its text layers
-# (model.language_model.layers.N.self_attn.q_proj ...); the vision blocks use attn.qkv / attn.proj /
-# mlp.linear_fc1 (Qwen3-VL) or mlp.gate/up/down_proj under `visual.blocks` (Qwen2.5-VL), hence
-# the `language_model.` anchor that keeps the vision tower out of LoRA.
-LORA_TARGETS["Qwen2_5_VLForConditionalGeneration"] = LORA_TARGETS["Qwen3VLForConditionalGeneration"] = (
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
-# Trainable parts by name -> module path prefixes in the Sa2VA model (names without PEFT's
-# wrapper infixes, see `canonical_name`).
-PARTS = {
-    "lora": ("language_model.",),  # only the lora_ parameters in it
-    "llm": ("language_model.",),
-    "text_hidden_fcs": ("text_hidden_fcs.",),
-    "mask_decoder": ("grounding_encoder.sam2_model.sam_mask_decoder.",),
-    "prompt_encoder": ("grounding_encoder.sam2_model.sam_prompt_encoder.",),
-    "sam_encoder": ("grounding_encoder.sam2_model.image_encoder.",),
-    "mlp1": ("mlp1.",),
-    "vision": ("vision_model.",),
-}
-# The Qwen-VL family: the LLM is inside `model` next to the vision tower (`visual`, its merger last).
-QWENVL_PARTS = dict(PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),
-                    mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
 STAGE_FILE, PARTS_FILE = "stage.json", "trained_parts.safetensors"
 RESAVE_STAGE = ("save the stage again: take the run's other checkpoint (best/ or final/), or --resume the run "
                 "(its checkpoints/) to write it anew")
@@ -56,7 +27,7 @@ RESAVE_STAGE = ("save the stage again: take the run's other checkpoint (best/ or
 
 def parts_of(model):
     """Part name -> parameter name prefixes, for the model's family."""
-    return QWENVL_PARTS if family(model) == QWENVL else PARTS
+    return family(model).PARTS
 
 
 def canonical_name(name):
@@ -65,23 +36,21 @@ def canonical_name(name):
 
 
 def lora_target_modules(model, include_mlp=False):
-    """LoRA target names for the model's LLM family, checked against its module names. For the
-    Qwen-VL family they are anchored at the text layers (a regex), so the vision tower's MLP
-    projections of Qwen2.5-VL (same names) stay frozen."""
-    llm = unwrap_llm(llm_module(model))
+    """LoRA target names for the model's LLM, from its family's table, checked against its module names
+    (for the Qwen-VL family a regex anchored at the text layers)."""
+    fam = family(model)
+    llm = unwrap(getattr(model, fam.LLM_ATTR))
     arch = type(llm).__name__
-    if arch not in LORA_TARGETS:
-        raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(LORA_TARGETS))}")
-    attn, mlp = LORA_TARGETS[arch]
+    if arch not in fam.LORA_TARGETS:
+        raise CheckpointError(f"no LoRA targets known for LLM {arch}; known: {', '.join(sorted(fam.LORA_TARGETS))}")
+    attn, mlp = fam.LORA_TARGETS[arch]
     targets = attn + (mlp if include_mlp else [])
     names = [n for n, _ in llm.named_modules()]
     for t in targets:
         if not any(n.endswith(t) for n in names):
             raise CheckpointError(f"LoRA target {t!r} matches no module of {arch}; the LLM's module names differ "
                                   f"from the preset (found e.g. {names[-3:]})")
-    if family(model) == QWENVL:
-        return r".*language_model\.layers\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
-    return targets
+    return fam.lora_pattern(targets)
 
 
 def apply_lora(model, rank, alpha, dropout=0.05, include_mlp=False):
@@ -121,7 +90,7 @@ def count_parameters(model):
 def base_fingerprint(model):
     """A short hash of the base model: its shapes and a sample of its frozen LLM embedding.
     A stage checkpoint records it; loading onto another base model is refused."""
-    llm = unwrap_llm(llm_module(model))
+    llm = unwrap(llm_module(model))
     emb = llm.get_input_embeddings().weight
     sample = emb.detach().flatten()[:: max(1, emb.numel() // 4096)][:4096].float().cpu()
     shape = dict(cls=type(model).__name__, llm=type(llm).__name__, emb=list(emb.shape),
@@ -141,26 +110,14 @@ def trained_state(model, parts):
 def save_stage(model, out_dir, parts, meta, gather=None):
     """Write a stage checkpoint atomically. `gather` is a context manager factory that makes
     partitioned (ZeRO-3) parameters whole for the save; None when they already are."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    params = list(model.parameters())
-    with gather(params) if gather else _nullcontext():
+    # best/ is replaced by a better one: swapped in whole
+    with atomic_folder(out_dir, overwrite=True) as tmp, gather(list(model.parameters())) if gather else nullcontext():
         if has_lora(model):
             llm_module(model).save_pretrained(tmp)
         save_file(trained_state(model, parts), os.path.join(tmp, PARTS_FILE))
-    with open(os.path.join(tmp, STAGE_FILE), "w") as f:
-        json.dump(dict(meta, trained_parts=list(parts), lora=has_lora(model), family=family(model),
-                       seg_hidden_state=getattr(model, "seg_hidden_state", "post_norm")), f, indent=2, default=str)
-    publish_folder(tmp, out_dir, overwrite=True)  # best/ is replaced by a better one: swapped in whole
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        write_json(os.path.join(tmp, STAGE_FILE), dict(meta, trained_parts=list(parts), lora=has_lora(model),
+                                                       family=family(model).NAME,
+                                                       seg_hidden_state=family(model).seg_convention(model)))
 
 
 def read_stage_meta(ckpt_dir):
@@ -185,7 +142,7 @@ def load_stage(model, ckpt_dir, trainable_lora=False):
         raise CheckpointError(f"{ckpt_dir} was trained on base model {meta.get('base_model')!r} "
                               f"(fingerprint {meta['base_fingerprint']}), not on this one ({fingerprint}); "
                               f"pass the same --model it was trained from")
-    convention = getattr(model, "seg_hidden_state", "post_norm")
+    convention = family(model).seg_convention(model)
     if meta.get("seg_hidden_state", convention) != convention:
         raise CheckpointError(f"{ckpt_dir} was trained on the {meta['seg_hidden_state']} [SEG] state, this model reads "
                               f"the {convention} one: its text_hidden_fcs would get other inputs")

@@ -19,6 +19,9 @@ input `[SEG]` position, taken explicitly before or after the final RMSNorm (`SEG
 pre-norm state for Qwen3-VL on transformers 4.57 and the post-norm one on 5.x (FACTS.md), so a
 checkpoint carries the convention it was trained with (`seg_hidden_convention`).
 
+This module is the family object the rest of the project asks (common.sa2va.family), with the
+names common.internvl has (NAME, LLM_ATTR, TOKENS, PARTS, LORA_TARGETS, lora_pattern, ...).
+
 Needs transformers >= 4.57 (Qwen3-VL; Qwen2.5-VL's `model.language_model` layout). Imports no
 torchvision and no qwen_vl_utils: without torchvision the HF processor cannot hold a video
 processor, so `load_processor` builds the same processor class for images only.
@@ -30,8 +33,13 @@ import os
 import torch
 from PIL import Image
 
+from common import internvl
+from common.internvl import SEG, unwrap
+
+NAME, LLM_ATTR = "qwenvl", "model"  # LoRA wraps the whole Qwen-VL model (lora_pattern: its text layers only)
 VL_ARCHS = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+TOKENS = (SEG, IMAGE_PAD, VISION_START, VISION_END)
 END_OF_TURN = "<|im_end|>"
 # qwen_vl_utils' fetch_image: a 28 px grid (14 px patches x 2 merge, its default for every model)
 # and its default pixel bounds (4 to 16384 tokens of 28 x 28)
@@ -39,6 +47,18 @@ FETCH_FACTOR, FETCH_MIN_PIXELS, FETCH_MAX_PIXELS = 28, 4 * 28 * 28, 16384 * 28 *
 # the released class's own bounds for the processor (Sa2VAChatModelQwen.__init__)
 RELEASED_MIN_PIXELS, RELEASED_MAX_PIXELS = 512 * 28 * 28, 2048 * 28 * 28
 SEG_HIDDEN_STATES = ("post_norm", "pre_norm")
+# LoRA adapts the whole Qwen-VL model (`model`): these names match its text layers
+# (model.language_model.layers.N.self_attn.q_proj ...) and, for Qwen2.5-VL, the vision blocks' MLP
+# (`visual.blocks`) too, hence the `language_model.` anchor of `lora_pattern`.
+LORA_TARGETS = dict.fromkeys(VL_ARCHS, (
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]))
+# Trainable parts -> parameter name prefixes: the LLM is inside `model` next to the vision tower
+# (`visual`, its merger last); the heads are InternVL's.
+PARTS = dict(internvl.PARTS, lora=("model.",), llm=("model.model.language_model.", "model.lm_head."),
+             mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
+
+
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -114,8 +134,23 @@ def collate(encoded, pad_id):
     return batch
 
 
-def unwrap(module):
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+def lora_pattern(targets):
+    """A regex anchored at the text layers: Qwen2.5-VL's vision MLP has the same names."""
+    return r".*language_model\.layers\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
+
+
+def seg_convention(model):
+    """The [SEG] state the model's `text_hidden_fcs` was trained on, from its config."""
+    return seg_hidden_convention(vars(model.config), type(unwrap(model.model)).__name__)
+
+
+def pre_seg_modules(model):
+    """The modules in front of the [SEG] hidden state."""
+    return [model.model]
+
+
+def predict(model, processor, image, text):
+    return model.predict_forward(image=image, text=text, processor=processor)
 
 
 def decoder_layers(model):
@@ -123,21 +158,21 @@ def decoder_layers(model):
     return unwrap(model.model).model.language_model.layers
 
 
-def seg_hidden(model, batch):
+def seg_hidden(model, batch, cache=None):
     """Teacher-forced multimodal forward -> (hidden (B, L, h) after the final norm, [SEG] states (B, h)).
+    (No `cache`: the vision tower runs inside the model's own forward.)
 
     The model's own forward places the vision features and computes M-RoPE positions; the
-    [SEG] state is taken as `model.seg_hidden_state` says: `post_norm` (the decoder's output)
-    or `pre_norm` (the last decoder layer's output, read by a hook, before the final RMSNorm)."""
+    [SEG] state is taken as the model's config says (`QwenVL.seg_convention`): `post_norm` (the
+    decoder's output) or `pre_norm` (the last decoder layer's output, read by a hook, before the
+    final RMSNorm)."""
     vl = unwrap(model.model)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   pixel_values=batch["pixel_values"].to(next(vl.model.visual.parameters()).dtype),
                   image_grid_thw=batch["image_grid_thw"], use_cache=False)
     if "mm_token_type_ids" in batch:
         inputs["mm_token_type_ids"] = batch["mm_token_type_ids"]
-    convention = getattr(model, "seg_hidden_state", "post_norm")
-    if convention not in SEG_HIDDEN_STATES:
-        raise ValueError(f"seg_hidden_state {convention!r}: choose from {SEG_HIDDEN_STATES}")
+    convention = seg_convention(model)
     captured = {}
     hook = None
     if convention == "pre_norm":
@@ -155,7 +190,7 @@ def seg_hidden(model, batch):
 
 
 def seg_hidden_convention(config, arch):
-    """Which state a checkpoint's `text_hidden_fcs` was trained on, from its config.json (a dict):
+    """Which state a checkpoint's `text_hidden_fcs` was trained on, from its config (config.json as a dict):
     its own `seg_hidden_state` when it records one (this project's folders do); otherwise what
     `hidden_states[-1]` was on the transformers version that wrote it (`transformers_version`):
     Qwen3-VL on 4.x gives the last layer's output before the final norm, everything else after."""

@@ -2,22 +2,19 @@
 
 Everything the forward path needs is read from the loaded model and tokenizer
 (`describe`), never typed in elsewhere: the chat template, the image tokens and how many
-per tile, InternVL's dynamic tiling and normalisation, SAM2's input size and
-normalisation, the `[SEG]` id and the LLM family. `Sa2VAProcessor` turns (image, prompt,
-answer) into the tensors of a batch exactly as the released `predict_forward` builds its
-inputs, so a mask from the training path equals a mask from the released inference for
-the same answer text.
+per tile, SAM2's input size and normalisation, the `[SEG]` id and the LLM family.
+`Sa2VAProcessor` turns (image, prompt, answer) into the tensors of a batch exactly as the
+released `predict_forward` builds its inputs (sam2.py: `preprocess_image`, DirectResize), so
+a mask from the training path equals a mask from the released inference for the same answer.
 
-Checked against the released InternVL-family code (bytedance/Sa2VA,
-projects/sa2va/hf/models/modeling_sa2va_chat.py: `preparing_for_generation`,
-`predict_forward`, `dynamic_preprocess`; sam2.py: `preprocess_image`, DirectResize).
-
-Two families, one API: `family(model)` is "internvl" (`Sa2VAChatModel`: vision_model + mlp1 +
-language_model) or "qwenvl" (`Sa2VAChatModelQwen`: one Qwen2.5-VL / Qwen3-VL model as `model`).
-What differs in building inputs and reading the [SEG] state lives in `common.qwenvl`; the rest
-of the project asks this module for the LLM module (`llm_module`) and the modules in front of
-the [SEG] state (`pre_seg_modules`).
+Two families, one API: `family(model)` is the module `common.internvl` (`Sa2VAChatModel`:
+vision_model + mlp1 + language_model) or `common.qwenvl` (`Sa2VAChatModelQwen`: one
+Qwen2.5-VL / Qwen3-VL model as `model`). Each knows its tokens, LLM module, LoRA targets,
+trainable parts and [SEG] state; the rest of the project asks it, never the family's name.
+The embedded tiny models (`common.tiny`, `common.tiny_qwenvl`) are imported only when one is
+asked for: loading a released folder never loads them.
 """
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,21 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import qwenvl
-from common.tiny import (IMG_CONTEXT, IMG_END, IMG_START, SEG, TinySa2VAChatModel, build_tiny_model,
-                         dynamic_preprocess, pil_to_normalized)
+from common import internvl, qwenvl
+from common.internvl import (IMG_CONTEXT, IMG_END, IMG_START, RELEASED_TILING, SEG, dynamic_preprocess,
+                             pil_to_normalized)
 
 TINY = "tiny"
 TINY_QWENVL = "tiny-qwenvl"
 TINY_MODELS = (TINY, TINY_QWENVL)
-INTERNVL, QWENVL = "internvl", "qwenvl"
-# the attribute holding the module LoRA adapts, per family
-LLM_ATTR = {INTERNVL: "language_model", QWENVL: "model"}
+TINY_CLASSES = {"tiny_sa2va": ("common.tiny", "TinySa2VAChatModel"),  # config model_type -> toy class
+                "tiny_sa2va_qwenvl": ("common.tiny_qwenvl", "TinySa2VAQwenVLModel")}
+INTERNVL, QWENVL = internvl, qwenvl  # the two families: each module is its family's one object
 DEFAULT_PROMPT = "<image>\nPlease segment the blood vessel."
 DEFAULT_ANSWER = "It is [SEG]."
-# The released `preparing_for_generation` sets these regardless of the config; a model that
-# carries its own (the tiny one) is read instead.
-RELEASED_TILING = dict(min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True)
 
 
 class CheckpointError(ValueError):
@@ -74,16 +68,16 @@ def check_safetensors(path, advice):
 def load_model(name_or_path, dtype=torch.float32, seed=0):
     """(model, tokenizer) for `tiny` / `tiny-qwenvl` (built in memory, deterministic in `seed`), a
     saved tiny folder, or a released Sa2VA Hugging Face folder of either family (loaded with its
-    own remote code). A Qwen-VL model also gets `model.processor` (the folder's processor, which
-    its predict_forward takes) and `model.seg_hidden_state` (the [SEG] state convention)."""
+    own remote code). For the Qwen-VL family the second item is the folder's processor (it holds the
+    tokenizer): what that family's predict_forward takes where the InternVL one takes a tokenizer."""
     if name_or_path == TINY:
+        from common.tiny import build_tiny_model
         model, tokenizer = build_tiny_model(seed)
         return model.to(dtype), tokenizer
     if name_or_path == TINY_QWENVL:
         from common.tiny_qwenvl import build_tiny_qwenvl
-        model, tokenizer = build_tiny_qwenvl(seed)
-        model.seg_hidden_state = model.config.seg_hidden_state
-        return model.to(dtype), tokenizer
+        model, _ = build_tiny_qwenvl(seed)
+        return model.to(dtype), model.processor
     config_path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{name_or_path}: not a model folder (no config.json); pass `tiny` or a local "
@@ -93,19 +87,26 @@ def load_model(name_or_path, dtype=torch.float32, seed=0):
     for name in sorted(os.listdir(name_or_path)):
         if name.endswith(".safetensors"):
             check_safetensors(os.path.join(name_or_path, name), REFETCH_MODEL)
-    if folder_family(config) == QWENVL:
-        return load_qwenvl(name_or_path, config, dtype)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
-    if config.get("model_type") == "tiny_sa2va":
-        model = TinySa2VAChatModel.from_pretrained(name_or_path, **dtype_kwarg(dtype))
+    fam = folder_family(config)
+    if fam is QWENVL:
+        tokenizer = qwenvl.load_processor(name_or_path)
+        vocab = tokenizer.tokenizer.get_vocab()
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+        vocab = tokenizer.get_vocab()
+    missing = [t for t in fam.TOKENS if t not in vocab]
+    if missing:
+        raise CheckpointError(f"{name_or_path}: tokenizer has no {missing[0]} token; is this a Sa2VA checkpoint "
+                              f"of the {fam.NAME} family?")
+    if config.get("model_type") in TINY_CLASSES:
+        module, cls = TINY_CLASSES[config["model_type"]]
+        model = getattr(importlib.import_module(module), cls).from_pretrained(name_or_path, **dtype_kwarg(dtype))
     else:
         model = load_released(name_or_path, dtype)
-    for token in (SEG, IMG_CONTEXT, IMG_START, IMG_END):
-        if token not in tokenizer.get_vocab():
-            raise CheckpointError(f"{name_or_path}: tokenizer has no {token} token; is this a Sa2VA checkpoint?")
-    # the released class leaves this None until preparing_for_generation(); the forward path needs it
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    if fam is INTERNVL:
+        # the released class leaves this None until preparing_for_generation(); the forward path needs it
+        model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     return model, tokenizer
 
 
@@ -119,26 +120,9 @@ def folder_family(config):
     return INTERNVL
 
 
-def load_qwenvl(path, config, dtype):
-    """A Qwen-VL-family folder: the model (tiny class or released remote code), its processor, and
-    the [SEG] state convention its `text_hidden_fcs` was trained with (config.json)."""
-    if config.get("model_type") == "tiny_sa2va_qwenvl":
-        from common.tiny_qwenvl import TinySa2VAQwenVLModel
-        model = TinySa2VAQwenVLModel.from_pretrained(path, **dtype_kwarg(dtype))
-    else:
-        model = load_released(path, dtype)
-    arch = type(qwenvl.unwrap(model.model)).__name__
-    model.processor = qwenvl.load_processor(path)
-    tokenizer = model.processor.tokenizer
-    for token in (SEG, qwenvl.IMAGE_PAD, qwenvl.VISION_START, qwenvl.VISION_END):
-        if token not in tokenizer.get_vocab():
-            raise CheckpointError(f"{path}: tokenizer has no {token} token; is this a Sa2VA Qwen-VL checkpoint?")
-    model.seg_hidden_state = qwenvl.seg_hidden_convention(config, arch)
-    return model, tokenizer
-
-
 def family(model):
-    """"qwenvl" for a Sa2VA whose `model` is a Qwen-VL model, else "internvl"."""
+    """The family of a loaded Sa2VA, the module common.internvl or common.qwenvl: Qwen-VL
+    when its `model` is a Qwen-VL model, else InternVL."""
     inner = getattr(model, "model", None)
     if inner is not None and type(qwenvl.unwrap(inner)).__name__ in qwenvl.VL_ARCHS:
         return QWENVL
@@ -148,25 +132,16 @@ def family(model):
 def llm_module(model):
     """The module LoRA wraps: InternVL's `language_model`, Qwen-VL's whole `model` (LoRA targets
     match only its text layers)."""
-    return getattr(model, LLM_ATTR[family(model)])
+    return getattr(model, family(model).LLM_ATTR)
 
 
 def set_llm_module(model, module):
-    setattr(model, LLM_ATTR[family(model)], module)
-
-
-def pre_seg_modules(model):
-    """The modules in front of the [SEG] hidden state (nothing here trains: the state is a constant)."""
-    if family(model) == QWENVL:
-        return [model.model]
-    return [model.vision_model, model.mlp1, model.language_model]
+    setattr(model, family(model).LLM_ATTR, module)
 
 
 def predict(model, tokenizer, image, text):
-    """The released `predict_forward` of either family (Qwen-VL's takes the processor)."""
-    if family(model) == QWENVL:
-        return model.predict_forward(image=image, text=text, processor=model.processor)
-    return model.predict_forward(image=image, text=text, tokenizer=tokenizer)
+    """The released `predict_forward` of either family (Qwen-VL's takes the processor load_model gave)."""
+    return family(model).predict(model, tokenizer, image, text)
 
 
 def dtype_kwarg(dtype):
@@ -255,19 +230,9 @@ def released_classes(path):
     return config, model_cls
 
 
-def unwrap_llm(language_model):
-    """The causal LM under a PEFT wrapper, if any."""
-    return language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
-
-
 @dataclass
 class Sa2VAInterface:
-    template: dict
-    num_image_token: int
-    image_size: int
-    min_dynamic_patch: int
-    max_dynamic_patch: int
-    use_thumbnail: bool
+    """The input conventions of the forward path, read from the loaded model (`describe`)."""
     sam_image_size: int
     sam_mean: tuple
     sam_std: tuple
@@ -275,7 +240,14 @@ class Sa2VAInterface:
     img_context_token_id: int
     pad_token_id: int
     llm_arch: str
-    family: str = INTERNVL
+    family: str
+    # InternVL family: the prompt template, image tokens per tile and the tiling
+    template: dict = None
+    num_image_token: int = 0
+    image_size: int = 0
+    min_dynamic_patch: int = 0
+    max_dynamic_patch: int = 0
+    use_thumbnail: bool = False
     # Qwen-VL family: the HF processor and the class's processor bounds
     processor: object = None
     min_pixels: int = 0
@@ -283,39 +255,29 @@ class Sa2VAInterface:
 
 
 def describe(model, tokenizer):
-    """Read every input convention of the forward path from the loaded model."""
-    if family(model) == QWENVL:
-        return describe_qwenvl(model, tokenizer)
-    config = model.config
-    image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
-    tiling = {k: getattr(model, k, v) for k, v in RELEASED_TILING.items()}
+    """Read every input convention of the forward path from the loaded model and the tokenizer (Qwen-VL
+    family: the processor) load_model gave with it."""
     sam = model.grounding_encoder
-    llm = unwrap_llm(model.language_model)
+    fields = dict(sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean),
+                  sam_std=tuple(sam.img_std), family=family(model).NAME)
+    if family(model) is QWENVL:
+        if not hasattr(tokenizer, "image_processor"):
+            raise CheckpointError("a Qwen-VL Sa2VA needs its processor: the second item load_model returns")
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
+        fields.update(img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD),
+                      llm_arch=type(qwenvl.unwrap(model.model)).__name__, processor=processor,
+                      min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
+    else:
+        if not isinstance(model.template, dict):
+            raise CheckpointError(f"model template {model.template!r} is not a prompt-template dict")
+        config = model.config
+        image_size = getattr(model, "image_size", None) or config.force_image_size or config.vision_config.image_size
+        fields.update(template=model.template, num_image_token=int(model.num_image_token), image_size=int(image_size),
+                      img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+                      llm_arch=type(internvl.unwrap(model.language_model)).__name__,
+                      **{k: getattr(model, k, v) for k, v in RELEASED_TILING.items()})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = model.template if isinstance(model.template, dict) else None
-    if template is None:
-        raise CheckpointError(f"model template {model.template!r} is not a prompt-template dict")
-    return Sa2VAInterface(
-        template=template, num_image_token=int(model.num_image_token), image_size=int(image_size),
-        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
-        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
-        img_context_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
-        pad_token_id=pad, llm_arch=type(llm).__name__, **tiling)
-
-
-def describe_qwenvl(model, tokenizer):
-    """Qwen-VL family: the processor (chat template, image processor) and the class's min/max pixels."""
-    if getattr(model, "processor", None) is None:
-        raise CheckpointError("a Qwen-VL Sa2VA needs its processor: load it with common.sa2va.load_model")
-    sam = model.grounding_encoder
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Sa2VAInterface(
-        template={}, num_image_token=0, image_size=0, min_dynamic_patch=0, max_dynamic_patch=0, use_thumbnail=False,
-        sam_image_size=int(sam.sam2_model.image_size), sam_mean=tuple(sam.img_mean), sam_std=tuple(sam.img_std),
-        seg_token_id=tokenizer.convert_tokens_to_ids(SEG),
-        img_context_token_id=tokenizer.convert_tokens_to_ids(qwenvl.IMAGE_PAD), pad_token_id=pad,
-        llm_arch=type(qwenvl.unwrap(model.model)).__name__, family=QWENVL, processor=model.processor,
-        min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels))
+    return Sa2VAInterface(seg_token_id=tokenizer.convert_tokens_to_ids(SEG), pad_token_id=pad, **fields)
 
 
 class Sa2VAProcessor:
@@ -374,7 +336,7 @@ class Sa2VAProcessor:
         `frames`, a list of PIL frames the LLM sees, with `image` its first frame) into a batch."""
         tiles, g_pixels, ids, labels, seg_index, encoded = [], [], [], [], [], []
         for s in samples:
-            if self.iface.family == QWENVL:
+            if self.iface.family == QWENVL.NAME:
                 e = qwenvl.encode(self.iface.processor, s["image"], s.get("prompt") or self.prompt,
                                   s.get("answer") or self.answer, self.iface.min_pixels, self.iface.max_pixels)
                 encoded.append(e)

@@ -41,9 +41,9 @@ from transformers import (GenerationConfig, PretrainedConfig, PreTrainedModel, P
                           Qwen2Config, Qwen2ForCausalLM)
 from transformers.modeling_outputs import BaseModelOutput
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_START, IMG_END, IMG_CONTEXT, SEG = "<img>", "</img>", "<IMG_CONTEXT>", "[SEG]"
+from common.internvl import (IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT, IMG_END, IMG_START, SEG, dynamic_preprocess,
+                             pil_to_normalized)
+
 # Qwen's chat markers, as in the released `qwen_chat` template that Sa2VA-1B/4B use.
 QWEN_CHAT = dict(
     SYSTEM="<|im_start|>system\n{system}<|im_end|>\n",
@@ -745,44 +745,6 @@ def get_seg_hidden_states(hidden_states, output_ids, seg_id):
     if n_out == 0:
         return hidden_states[0:0]
     return hidden_states[-n_out:][seg_mask]
-
-
-def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
-    best_ratio_diff, best_ratio = float("inf"), (1, 1)
-    area = width * height
-    for ratio in target_ratios:
-        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
-        if ratio_diff < best_ratio_diff:
-            best_ratio_diff, best_ratio = ratio_diff, ratio
-        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-            best_ratio = ratio
-    return best_ratio
-
-
-def dynamic_preprocess(image, min_num=1, max_num=6, image_size=448, use_thumbnail=False):
-    """InternVL's dynamic tiling, as in the released Sa2VA code (same tie-breaking)."""
-    orig_width, orig_height = image.size
-    target_ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
-                            for j in range(1, n + 1) if min_num <= i * j <= max_num}, key=lambda x: x[0] * x[1])
-    ratio = find_closest_aspect_ratio(orig_width / orig_height, target_ratios, orig_width, orig_height, image_size)
-    target_width, target_height = image_size * ratio[0], image_size * ratio[1]
-    resized = image.resize((target_width, target_height), Image.BICUBIC)
-    cols = target_width // image_size
-    tiles = [resized.crop(((i % cols) * image_size, (i // cols) * image_size,
-                           (i % cols + 1) * image_size, (i // cols + 1) * image_size))
-             for i in range(ratio[0] * ratio[1])]
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
-    return tiles
-
-
-def pil_to_normalized(image, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """torchvision's Resize(bicubic) + ToTensor + Normalize on a PIL image, without torchvision."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def teach_answer(model, tokenizer, answer=TINY_ANSWER, steps=80, seed=0):

@@ -15,7 +15,7 @@ template, `qwen_vl_utils`-style resize onto a 28 px grid (`common.qwenvl.fetch_i
 `process_vision_info` does), the processor with `min_pixels`/`max_pixels`, greedy `generate`,
 `hidden_states[-1]` at the input `[SEG]`, `text_hidden_fcs`, SAM2, bilinear to the image,
 sigmoid > 0.5. Differences: `max_new_tokens` 32 (released 2048), SAM2 at the model's dtype
-(released: bf16), and `processor` defaults to the one `load_model` attaches.
+(released: bf16), and `processor` defaults to the one `build_tiny_qwenvl` gives it.
 
 `build_tiny_qwenvl(seed)` teaches the LLM to answer "It is [SEG]." as `common.tiny` does; save
 it with `save_tiny_qwenvl(model, folder)` (weights + processor), load with

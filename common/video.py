@@ -34,7 +34,7 @@ PROMPTS = ("first", "every")
 
 def check_video_model(model):
     """Video mode needs the InternVL family's video prompt and a SAM2 with memory modules."""
-    if family(model) == QWENVL:
+    if family(model) is QWENVL:
         raise ValueError("--video_mode follows the InternVL family's released video inference; the Qwen-VL "
                          "family's video input (its processor's video path) is not supported here")
     sam = model.grounding_encoder.sam2_model

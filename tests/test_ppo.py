@@ -19,7 +19,6 @@ from common.forward import FeatureCache, forward_batch, upsample_logits
 from common.losses import (bernoulli_entropy, bernoulli_kl, group_advantages, mask_log_likelihood,
                            normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import make_reward
-from common.sa2va import Sa2VAProcessor, describe
 
 # a short run the tiny model learns from in well under a minute of CPU (README, "Tests")
 QUICK_PPO = ["--lr", "2e-4", "--epochs", "2", "--max_train_samples", "32", "--max_val_samples", "24",
@@ -103,10 +102,9 @@ def policy(sft_run, synth_data):
     """(model, batch, args, reward) for the quick SFT checkpoint, as train_ppo sets them up."""
     args = train_ppo.parse_args(["--data", synth_data, "--init", os.path.join(sft_run, "best")] + QUICK_PPO)
     torch.manual_seed(0)
-    model, tokenizer, _ = cli.setup_model(args, log=lambda *a: None)
+    model, processor, _ = cli.setup_model(args, log=lambda *a: None)
     model.eval()
     train, _ = build_splits(synth_data, max_train_samples=4)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, args.answer)
     batch = processor([VesselDataset(train)[i] for i in range(4)])
     return model, batch, args, make_reward(args.reward_type)
 

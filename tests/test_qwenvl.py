@@ -59,8 +59,7 @@ def test_inputs_are_predict_forwards(tiny, synth_data):
     """The processor call of predict_forward (qwen_vl_utils resize, min_pixels/max_pixels call
     arguments) and ours (fetch_image, size=) give the same tokens, patches and grid; and with the
     released class's bounds a 224 px image is a 40 x 40 patch grid on Qwen3-VL (FACTS.md)."""
-    model, tokenizer = tiny
-    processor = model.processor
+    model, processor = tiny  # load_model gives the Qwen-VL family's processor
     for s in samples(synth_data):
         ours = qwenvl.encode(processor, s["image"], DEFAULT_PROMPT, "It is [SEG].", model.min_pixels, model.max_pixels)
         text = qwenvl.chat_text(processor, s["image"], DEFAULT_PROMPT)
@@ -80,7 +79,7 @@ def test_inputs_are_predict_forwards(tiny, synth_data):
 
 def test_forward_path_mask_equals_predict_forward(tiny, synth_data):
     model, tokenizer = tiny
-    assert family(model) == QWENVL and model.seg_hidden_state == "post_norm"
+    assert family(model) is QWENVL and qwenvl.seg_convention(model) == "post_norm"
     processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     for sample in samples(synth_data):
         released = predict(model, tokenizer, sample["image"], DEFAULT_PROMPT)
@@ -118,14 +117,14 @@ def test_seg_hidden_state_convention_is_pinned(tiny, synth_data, tmp_path):
     try:
         with torch.no_grad():
             post, _ = llm_forward(model, batch)
-            model.seg_hidden_state = "pre_norm"
+            model.config.seg_hidden_state = "pre_norm"
             pre, _ = llm_forward(model, batch)
             full = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                                mm_token_type_ids=batch["mm_token_type_ids"], output_hidden_states=True)
     finally:
         hook.remove()
-        model.seg_hidden_state = "post_norm"
+        model.config.seg_hidden_state = "post_norm"
     seg = int(batch["seg_index"][0])
     torch.testing.assert_close(pre[0], captured["x"][0, seg])
     norm = qwenvl.unwrap(model.model).model.language_model.norm
@@ -146,7 +145,7 @@ def test_seg_hidden_state_convention_is_pinned(tiny, synth_data, tmp_path):
     save_stage(model, stage, ["text_hidden_fcs"], dict(stage="test"))
     assert json.load(open(os.path.join(stage, "stage.json")))["seg_hidden_state"] == "post_norm"
     other, _ = load_model("tiny-qwenvl")
-    other.seg_hidden_state = "pre_norm"
+    other.config.seg_hidden_state = "pre_norm"
     with pytest.raises(CheckpointError, match="pre_norm|post_norm"):
         load_stage(other, stage)
 

@@ -13,7 +13,8 @@ from PIL import Image
 import train_sft
 from common.data import DataError, VesselDataset, scan_folder
 from common.engine import finite_or_zero
-from common.lora import LORA_TARGETS, lora_target_modules
+from common.internvl import LORA_TARGETS
+from common.lora import lora_target_modules
 from common.pairs import load_pairs
 from common.sa2va import CheckpointError, load_model
 from test_data import make_folder

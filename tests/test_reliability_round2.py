@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from common.data import EvalSampler, ShardedSampler, VesselDataset, read_image, scan_folder
-from common.tiny import pil_to_normalized
+from common.internvl import pil_to_normalized
 from test_data import make_folder
 
 
@@ -214,7 +214,8 @@ def test_truncated_weights_are_named_with_what_to_do(tmp_path, cut):
 def test_resume_with_other_arguments_names_them(tmp_path, monkeypatch):
     import argparse
 
-    from common.engine import ARGS_FILE, RunError, check_resume_args, write_json
+    from common.engine import ARGS_FILE, check_resume_args
+    from common.files import RunError, write_json
     run = tmp_path / "sft_x"
     run.mkdir()
     saved = dict(lr=1e-3, lora_rank=8, batch_size=4, num_workers=2, log_every=10, resume=None, output="a", seed=0)
@@ -241,7 +242,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 
 
 def test_shared_output_files_are_never_overwritten_by_another_run(tmp_path):
-    from common.engine import RunError, publish_folder, write_json
+    from common.files import RunError, publish_folder, write_json
     path = str(tmp_path / "hard_samples.json")
     write_json(path, {"run": 1}, overwrite=False)
     with pytest.raises(RunError, match="hard_samples.json: already exists"):

@@ -126,19 +126,19 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(synth_data):
     from common.data import VesselDataset, scan_folder
     from common.forward import forward_batch, full_size_logits
     from common.losses import segmentation_loss
-    from common.sa2va import Sa2VAProcessor, describe, llm_module
+    from common.sa2va import llm_module
 
     args = train_sft.parse_args(["--data", synth_data, "--lora_preset", "small", "--lora_dropout", "0"])
     samples = [VesselDataset(scan_folder(synth_data))[i] for i in (0, 13, 26)]
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model, tokenizer, _ = cli.setup_model(args, log=lambda *a: None)
+        model, processor, _ = cli.setup_model(args, log=lambda *a: None)
         if compiled:
             from torch._dynamo.testing import CompileCounterWithBackend
             counter = CompileCounterWithBackend("aot_eager")
             assert cli.compile_decoder_layers(llm_module(model), backend=counter) == 2
-        batch = Sa2VAProcessor(describe(model, tokenizer), tokenizer)(samples)
+        batch = processor(samples)
         out = forward_batch(model, batch, with_text_logits=False)
         loss = segmentation_loss(full_size_logits(model, out["low_res_logits"], batch["image_sizes"]),
                                  [m.float() for m in batch["masks"]])["loss"]

@@ -311,6 +311,27 @@ def test_run_sh_resolves_relative_paths_from_the_callers_directory_and_quotes_th
     assert "Scored: val split of" in result.stdout and "| sft |" in result.stdout
 
 
+def test_run_sh_skips_a_stage_with_nothing_to_learn_and_carries_its_start(tmp_path, tiny_folder):
+    """A model whose own samples agree gives no DPO pair, one that scores every train frame above the
+    bar gives no hard frame (make_dpo_pairs / mine_hard then write counts of 0): run.sh says so, trains
+    neither, and their rows are their starts."""
+    make_folder(tmp_path / "data", still_names(5))
+    out = tmp_path / "out"
+    for path, key in (("pairs/summary.json", "pairs"), ("mine/hard_samples.json", "hard_count")):
+        os.makedirs(os.path.dirname(out / path), exist_ok=True)
+        json.dump({key: 0}, open(out / path, "w"))
+    env = dict(os.environ, MODEL=tiny_folder, DATA=str(tmp_path / "data"), OUT=str(out), STAGES="sft,dpo,hard,eval",
+               BASELINES="0", MAX_TRAIN="3", MAX_VAL="1", STILL_IMAGES="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "quick"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "dpo: skipped, no preference pair" in result.stdout and "hard: skipped, no train frame" in result.stdout
+    assert not os.path.exists(out / "dpo") and not os.path.exists(out / "hard")
+    rows = json.load(open(out / "eval" / "summary.json"))["checkpoints"]
+    assert list(rows) == ["base", "sft", "dpo", "hard"]
+    assert rows["dpo"]["checkpoint"] == rows["hard"]["checkpoint"] == rows["sft"]["checkpoint"]
+
+
 # ----------------------------------------------------------------------------- 9. per-video outputs, layouts
 
 def test_per_video_names_never_collide_and_stills_get_no_gif(tmp_path, tiny_folder):

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import train_hard  # noqa: E402
 from common.data import build_splits  # noqa: E402
-from common.engine import write_json  # noqa: E402
+from common.files import write_json  # noqa: E402
 from common.synth import write_dataset  # noqa: E402
 
 

@@ -34,11 +34,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_sft  # noqa: E402
 from common import cli  # noqa: E402
-from common.engine import all_gather_objects, build_engine, engine_step, init_distributed, is_main  # noqa: E402
-from common.forward import FeatureCache, forward_batch, full_size_logits, image_embeddings, move_batch, \
-    sam_image_features  # noqa: E402
+from common.engine import all_gather_objects, build_engine, engine_step, init_distributed, is_main, \
+    use_deepspeed  # noqa: E402
+from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, sam_image_features  # noqa: E402
+from common.internvl import image_embeddings, unwrap  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
-from common.sa2va import Sa2VAProcessor, describe, llm_module, unwrap_llm  # noqa: E402
+from common.sa2va import llm_module  # noqa: E402
 from common.synth import make_video  # noqa: E402
 
 DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -89,18 +90,18 @@ def count_flops(model, batch, device, cache=None):
     (enable_gqa) calls."""
     from torch.utils.flop_counter import FlopCounterMode
     llm = model.language_model
-    was_ckpt = unwrap_llm(llm).is_gradient_checkpointing
+    was_ckpt = unwrap(llm).is_gradient_checkpointing
     if was_ckpt:
         llm.gradient_checkpointing_disable()
-    attn = getattr(unwrap_llm(llm).config, "_attn_implementation", None)
+    attn = getattr(unwrap(llm).config, "_attn_implementation", None)
     if attn == "sdpa":
-        unwrap_llm(llm).set_attn_implementation("eager")
+        unwrap(llm).set_attn_implementation("eager")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         with FlopCounterMode(display=False) as counter:
             micro_step(model, batch, device, cache).backward()
     model.zero_grad(set_to_none=True)
     if attn == "sdpa":
-        unwrap_llm(llm).set_attn_implementation("sdpa")
+        unwrap(llm).set_attn_implementation("sdpa")
     if was_ckpt:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return counter.get_total_flops()
@@ -140,13 +141,12 @@ def main(args):
                                   "--lora_dropout", str(args.lora_dropout), "--batch_size", str(args.batch_size),
                                   "--zero_stage", str(args.zero_stage), "--num_workers", "0"]
                                  + (["--grad_ckpt"] if args.grad_ckpt else []) + (["--bf16"] if args.bf16 else []))
-    deepspeed_on = cli.use_deepspeed(targs)
+    deepspeed_on = use_deepspeed(targs)
     rank, world_size, device = init_distributed(deepspeed_on)
     torch.manual_seed(rank)
-    model, tokenizer, _ = cli.setup_model(targs, log=lambda *a: None)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, targs.prompt, targs.answer)
+    model, processor, _ = cli.setup_model(targs, log=lambda *a: None)
     batch = move_batch(synthetic_batch(processor, args.batch_size, args.image_size, seed=rank), device)
-    llm_params = sum(p.numel() for n, p in unwrap_llm(model.language_model).named_parameters() if "lora_" not in n)
+    llm_params = sum(p.numel() for n, p in unwrap(model.language_model).named_parameters() if "lora_" not in n)
 
     # FLOPs on one sample before the engine owns the model, held as the engine will hold it: DeepSpeed
     # bf16 casts everything to bf16; the torch engine (train_sft.py under python) keeps what trains in fp32

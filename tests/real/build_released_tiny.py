@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common.sa2va import released_classes  # noqa: E402
-from common.tiny import IMG_CONTEXT, IMG_END, IMG_START, SEG, teach_answer  # noqa: E402
+from common.internvl import IMG_CONTEXT, IMG_END, IMG_START, SEG  # noqa: E402
+from common.tiny import teach_answer  # noqa: E402
 
 # Where each Sa2VA repository keeps the InternVL-family HF code (newest first).
 CODE_DIRS = ("projects/sa2va/hf/models", "projects/llava_sam2/hf/models")

@@ -31,10 +31,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common.forward import decode_masks, forward_batch, full_size_logits, llm_forward, move_batch, \
     sam_image_features  # noqa: E402
+from common.internvl import unwrap  # noqa: E402
 from common.lora import load_stage  # noqa: E402
 from common.losses import segmentation_loss  # noqa: E402
-from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, SEG, Sa2VAProcessor, describe, load_model, \
-    unwrap_llm  # noqa: E402
+from common.sa2va import DEFAULT_ANSWER, DEFAULT_PROMPT, SEG, Sa2VAProcessor, describe, load_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -162,7 +162,7 @@ def causal_lm_last_hidden(model, tokenizer, image, prompt, answer, device):
     embeds = model.get_input_embeddings()(batch["input_ids"])
     vit = model.extract_feature(batch["pixel_values"].to(next(model.vision_model.parameters()).dtype))
     embeds = embeds.masked_scatter((batch["input_ids"] == model.img_context_token_id)[..., None], vit.to(embeds.dtype))
-    out = unwrap_llm(model.language_model)(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+    out = unwrap(model.language_model)(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                            output_hidden_states=True, use_cache=False)
     return max_diff(seg_hidden[0], out.hidden_states[-1][0, batch["seg_index"][0]])
 
@@ -210,13 +210,13 @@ def sft_step(args, device, steps=3):
     import train_sft
     from common import cli
     targs = train_sft.parse_args(["--model", args.model, "--data", "unused", "--grad_ckpt", "--lora_preset", "medium"])
-    model, tokenizer, _ = cli.setup_model(targs, log=lambda *a: None)
+    model, sft_processor, _ = cli.setup_model(targs, log=lambda *a: None)
     model.to(device=device, dtype=torch.bfloat16).train()
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     opt = torch.optim.AdamW(params, lr=1e-4)
     images, masks = synthetic_frames(args.step_batch, args.step_size, seed=1)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer, args.prompt, DEFAULT_ANSWER)
+    processor = Sa2VAProcessor(sft_processor.iface, sft_processor.tokenizer, args.prompt, DEFAULT_ANSWER)
     batch = move_batch(processor([dict(image=i, key=str(k)) for k, i in enumerate(images)]), device)
     targets = [torch.from_numpy(m).float().to(device) for m in masks]
     times, lora_grad = [], None

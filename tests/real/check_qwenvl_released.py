@@ -193,7 +193,7 @@ def build_folder(family, code_root, out, teach_steps, seed=0):
 
 # ------------------------------------------------------------------ (3) parity, (4) one SFT step
 
-def released_predict(model, image, prompt, device):
+def released_predict(model, processor, image, prompt, device):
     """predict_forward's answer and masks, plus the [SEG] state it fed to text_hidden_fcs."""
     from check_parity import released_on
     seen = {}
@@ -201,7 +201,7 @@ def released_predict(model, image, prompt, device):
         lambda m, inp, out: seen.update(seg_hidden=inp[0].detach().float().cpu(), seg_embed=out.detach().float().cpu()))
     try:
         with released_on(model, device), torch.no_grad():
-            result = model.predict_forward(image=image, text=prompt, processor=model.processor)
+            result = model.predict_forward(image=image, text=prompt, processor=processor)
     finally:
         hook.remove()
     seen.update(prediction=result["prediction"], masks=[m[0] for m in result["prediction_masks"]])
@@ -210,13 +210,14 @@ def released_predict(model, image, prompt, device):
 
 def parity(model, tokenizer, image, prompt, device):
     from common.forward import forward_batch, full_size_logits, move_batch
+    from common.qwenvl import seg_convention
     from common.sa2va import DEFAULT_ANSWER, Sa2VAProcessor, describe
-    rel = released_predict(model, image, prompt, device)
+    rel = released_predict(model, tokenizer, image, prompt, device)  # load_model's processor
     answer = rel["prediction"].strip()
     for end in ("<|im_end|>", "<|endoftext|>"):
         answer = answer.removesuffix(end).rstrip()
     report = dict(prediction=rel["prediction"], released_masks=len(rel["masks"]),
-                  seg_hidden_state=model.seg_hidden_state)
+                  seg_hidden_state=seg_convention(model))
     if "[SEG]" not in answer:
         report["note"] = f"no [SEG] in the answer: forward path run with {DEFAULT_ANSWER!r}, no mask to compare"
         answer = DEFAULT_ANSWER
@@ -244,15 +245,13 @@ def sft_step(folder, device, image_size):
     from common import cli
     from common.forward import forward_batch, full_size_logits, move_batch
     from common.losses import segmentation_loss
-    from common.sa2va import Sa2VAProcessor, describe
     from common.synth import make_video
     from PIL import Image
     args = train_sft.parse_args(["--model", folder, "--data", "unused", "--lora_preset", "medium"])
-    model, tokenizer, parts = cli.setup_model(args, log=lambda *a: None)
+    model, processor, parts = cli.setup_model(args, log=lambda *a: None)
     model.to(device).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     images, masks, _ = make_video(np.random.default_rng(1), 2, image_size)
-    processor = Sa2VAProcessor(describe(model, tokenizer), tokenizer)
     batch = move_batch(processor([dict(image=Image.fromarray(i), key=str(k)) for k, i in enumerate(images)]), device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     t0 = time.time()
