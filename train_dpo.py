@@ -43,12 +43,13 @@ import torch
 
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_split, splits_from_args
-from common.engine import (all_gather_objects, build_engine, cleanup, engine_step, finite_or_zero, gather_for_save,
-                           is_main, load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
+from common.engine import (all_gather_objects, build_engine, engine_step, finite_or_zero, finish_run, is_main,
+                           keep_if_best, load_trainer_state, log_train_window, save_trainer_state, stage_saver,
+                           start_run)
 from common.evaluation import collapse_warning, validate
 from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
-from common.lora import base_fingerprint, save_stage
+from common.lora import base_fingerprint
 from common.losses import dpo_loss, dpo_metrics, mask_log_likelihood
 from common.pairs import PairDataset, disputed_share, load_pairs
 
@@ -146,15 +147,9 @@ def split_pairs(args, entries, val_frames):
     return [e for e in entries if e["video"] not in held_videos], [e for e in entries if e["video"] in held_videos]
 
 
-def main(args):
-    # ---- setup
-    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
-
-    model, processor, parts = cli.setup_model(args, log=logger.line)
-    disable_dropout(model)
-    fingerprint = base_fingerprint(model)
-
-    _, val_frames = splits_from_args(args)
+def pair_loaders(args, val_frames, processor, rank, world_size, device, log):
+    """(train sampler, train loader, eval loaders {train, held, val}, optimizer steps of the run); logs the
+    pairs' line and how far the policy may move before the loss saturates."""
     train_pairs, held_pairs = split_pairs(args, load_pairs(args.pairs, args.min_iou_gap, args.video_regex), val_frames)
     train_pairs = train_pairs[:args.max_train_samples or None]
     held_pairs = held_pairs[:args.max_val_samples or None]  # --max_val_samples caps both validation sets
@@ -172,67 +167,86 @@ def main(args):
     loaders = dict(train=eval_loader(train_set), held=eval_loader(held_set), val=eval_loader(val_set))
     # the engine counts micro-steps across epochs: leftovers of one epoch complete a step in the next
     total_steps = max(1, math.ceil(sampler.per_rank / args.batch_size) * args.epochs // args.grad_accum)
-    logger.line(f"pairs: {len(train_set)} train / {len(held_set)} held-out ({len({e['video'] for e in train_pairs})} / "
-                f"{len({e['video'] for e in held_pairs})} videos); val split {describe_split(val_frames)}; "
-                f"effective batch "
-                f"{args.batch_size} x {args.grad_accum} accum x {world_size} procs; {total_steps} optimizer steps")
-
+    log(f"pairs: {len(train_set)} train / {len(held_set)} held-out ({len({e['video'] for e in train_pairs})} / "
+        f"{len({e['video'] for e in held_pairs})} videos); val split {describe_split(val_frames)}; "
+        f"effective batch "
+        f"{args.batch_size} x {args.grad_accum} accum x {world_size} procs; {total_steps} optimizer steps")
     share = disputed_share(train_pairs)
-    logger.line(f"chosen and rejected differ on {100 * share:.2f}% of the pixels (median): with beta {args.beta:g} the "
-                f"loss saturates once the policy has moved ~{3 / max(args.beta * share, 1e-12):.3g} nats per disputed "
-                f"pixel from the reference (README, DPO: choose beta for ~1)")
+    log(f"chosen and rejected differ on {100 * share:.2f}% of the pixels (median): with beta {args.beta:g} the "
+        f"loss saturates once the policy has moved ~{3 / max(args.beta * share, 1e-12):.3g} nats per disputed "
+        f"pixel from the reference (README, DPO: choose beta for ~1)")
+    return sampler, train_loader, loaders, total_steps
 
+
+def reference_logps(args, run_dir, model, loaders, device, cache, autocast, log):
+    """{train, held: (N, 2) reference log-likelihoods}: once, with the starting weights, in the engine's
+    precision, stored in the run folder (a resumed run reads them back); zeros with --reference_free."""
+    ref_path = os.path.join(run_dir, REFERENCE_FILE)
+    if args.reference_free:
+        return {name: torch.zeros(len(loaders[name].dataset), 2) for name in ("train", "held")}
+    if args.resume and os.path.exists(ref_path):
+        with open(ref_path) as f:
+            return {k: torch.tensor(v, dtype=torch.float32).reshape(-1, 2) for k, v in json.load(f).items()}
+    t0 = time.time()
+    ref = {name: score_pairs(model, loaders[name], device, cache, autocast) for name in ("train", "held")}
+    if is_main():
+        write_json(ref_path, {k: v.tolist() for k, v in ref.items()})
+    log(f"reference log-likelihoods of {sum(len(v) for v in ref.values())} pairs in {time.time() - t0:.1f} s")
+    return ref
+
+
+def done_line(state, run_dir):
+    start, final = state["initial"], state["history"][-1]
+    return (f"done: val dice {start['mean_dice']:.4f} -> {final['mean_dice']:.4f} (best {state['best_dice']:.4f} at "
+            f"step {state['best_step']}); held-out pair accuracy {start.get('held_accuracy', float('nan')):.3f} -> "
+            f"{final.get('held_accuracy', float('nan')):.3f}; outputs in {run_dir}")
+
+
+def evaluate_all(model, loaders, ref, args, device, cache, autocast):
+    """The held-out pairs' DPO metrics (held_*) and the val split's Dice/recall/precision."""
+    held = pair_metrics(score_pairs(model, loaders["held"], device, cache, autocast), ref["held"], args) \
+        if len(loaders["held"].dataset) else {}
+    return {f"held_{k}": v for k, v in held.items()} | validate(model, loaders["val"], device, args.threshold, cache,
+                                                                autocast)
+
+
+def val_line(tag, metrics):
+    return (f"{tag} val: dice {metrics['mean_dice']:.4f} recall {metrics['mean_recall']:.4f} precision "
+            f"{metrics['mean_precision']:.4f} | held-out pairs: " +
+            " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("held_")) +
+            f" {collapse_warning(metrics)}")
+
+
+def main(args):
+    # ---- setup
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
+    disable_dropout(model)
+    fingerprint = base_fingerprint(model)
+    _, val_frames = splits_from_args(args)
+    sampler, train_loader, loaders, total_steps = pair_loaders(args, val_frames, processor, rank, world_size, device,
+                                                               logger.line)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
     cache = FeatureCache(device, args.feature_cache_gb)
-
-    # ---- reference log-likelihoods: once, with the starting weights, in the engine's precision
-    ref_path = os.path.join(run_dir, REFERENCE_FILE)
-    if args.reference_free:
-        ref = {name: torch.zeros(len(loaders[name].dataset), 2) for name in ("train", "held")}
-    elif args.resume and os.path.exists(ref_path):
-        with open(ref_path) as f:
-            ref = {k: torch.tensor(v, dtype=torch.float32).reshape(-1, 2) for k, v in json.load(f).items()}
-    else:
-        t0 = time.time()
-        ref = {name: score_pairs(model, loaders[name], device, cache, engine.autocast) for name in ("train", "held")}
-        if is_main():
-            write_json(ref_path, {k: v.tolist() for k, v in ref.items()})
-        logger.line(f"reference log-likelihoods of {sum(len(v) for v in ref.values())} pairs in {time.time() - t0:.1f} s")
-
-    def evaluate_all():
-        held = pair_metrics(score_pairs(model, loaders["held"], device, cache, engine.autocast), ref["held"], args) \
-            if len(held_set) else {}
-        val = validate(model, loaders["val"], device, args.threshold, cache, engine.autocast)
-        return {f"held_{k}": v for k, v in held.items()} | val
+    save = stage_saver(args, STAGE, engine, run_dir, parts, fingerprint)  # best/ and final/
+    ref = reference_logps(args, run_dir, model, loaders, device, cache, engine.autocast, logger.line)
 
     # ---- resume
-    state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_step=None, history=[], bad_steps=0,
-                 since_best=0, stopped_early=False, beta_check=[])
-    if args.resume:
-        state = load_trainer_state(engine, run_dir, state, logger.line)
-        state.setdefault("beta_check", [])  # a resume point written before the beta check existed
-
-    def meta(metrics):
-        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init,
-                    step=state["step"], metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
+    state = load_trainer_state(engine, args.resume, dict(
+        epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_step=None, history=[], bad_steps=0, since_best=0,
+        stopped_early=False, beta_check=[]), logger.line)
+    state.setdefault("beta_check", [])  # a resume point written before the beta check existed
 
     def validation(tag):
         """Validate, log, keep best/ by val Dice, count patience."""
-        metrics = evaluate_all()
+        metrics = evaluate_all(model, loaders, ref, args, device, cache, engine.autocast)
         state["history"].append(dict(step=state["step"], epoch=state["epoch"], **metrics))
         logger.record(state["step"], {f"val/{k}": v for k, v in metrics.items()})
-        logger.line(f"{tag} val: dice {metrics['mean_dice']:.4f} recall {metrics['mean_recall']:.4f} precision "
-                    f"{metrics['mean_precision']:.4f} | held-out pairs: " +
-                    " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("held_")) +
-                    f" {collapse_warning(metrics)}")
-        if metrics["mean_dice"] > state["best_dice"]:
-            state.update(best_dice=metrics["mean_dice"], best_step=state["step"], since_best=0)
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(metrics), gather_for_save(engine))
-        else:
-            state["since_best"] += 1
+        logger.line(val_line(tag, metrics))
+        improved = keep_if_best(state, metrics["mean_dice"], save, metrics, step=state["step"])
+        state["since_best"] = 0 if improved else state["since_best"] + 1
         state["stopped_early"] = bool(args.patience) and state["since_best"] >= args.patience
         return metrics
 
@@ -249,8 +263,7 @@ def main(args):
         for batch in train_loader:
             batch = move_batch(batch, device)
             chosen, rejected = pair_logps(model, batch, cache, engine.autocast)
-            index = batch["index"].cpu()
-            ref_c, ref_r = ref["train"][index, 0].to(device), ref["train"][index, 1].to(device)
+            ref_c, ref_r = ref["train"][batch["index"].cpu()].to(device).unbind(1)
             losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref_c, ref_r, args.beta, args.label_smoothing,
                                                     args.reference_free)
             loss = losses.mean()
@@ -288,23 +301,12 @@ def main(args):
 
     # ---- final save and summary
     final = state["history"][-1]
-    if is_main():
-        save_stage(model, os.path.join(run_dir, "final"), parts, meta(final), gather_for_save(engine))
-        write_json(os.path.join(run_dir, "training_info.json"), dict(
-            stage=STAGE, args=vars(args), initial_val=state["initial"], history=state["history"], final=final,
-            best_step=state["best_step"], best_val_dice=state["best_dice"], stopped_early=state["stopped_early"],
-            bad_steps=state["bad_steps"], pairs=dict(train=len(train_set), held_out=len(held_set)),
-            beta_check=state["beta_check"],
-            wall_time_s=time.time() - t_start, world_size=world_size, versions=versions(),
-            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: val dice {state['initial']['mean_dice']:.4f} -> {final['mean_dice']:.4f} (best "
-                f"{state['best_dice']:.4f} at step {state['best_step']}); held-out pair accuracy "
-                f"{state['initial'].get('held_accuracy', float('nan')):.3f} -> {final.get('held_accuracy', float('nan')):.3f}"
-                f"; outputs in {run_dir}")
-    logger.line(beta_check_line(state["beta_check"], args.beta))
-    logger.close()
-    cleanup()
-    return run_dir
+    save("final", final, step=state["step"])
+    return finish_run(run_dir, logger, t_start, dict(
+        stage=STAGE, args=vars(args), initial_val=state["initial"], history=state["history"], final=final,
+        best_step=state["best_step"], best_val_dice=state["best_dice"], stopped_early=state["stopped_early"],
+        bad_steps=state["bad_steps"], pairs=dict(train=len(loaders["train"].dataset), held_out=len(loaders["held"].dataset)),
+        beta_check=state["beta_check"]), done_line(state, run_dir), beta_check_line(state["beta_check"], args.beta))
 
 
 if __name__ == "__main__":

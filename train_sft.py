@@ -13,7 +13,6 @@ Writes <output>/sft_<timestamp>/: best/ and final/ (stage checkpoints), training
 train.log, metrics.jsonl, tensorboard/, checkpoints/ (for --resume).
 """
 import math
-import os
 import time
 
 import torch
@@ -21,12 +20,11 @@ import torch
 from common import cli
 from common.data import (AugmentedViews, EvalSampler, ShardedSampler, VesselDataset, area_curriculum, describe_split,
                          splits_from_args)
-from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
+from common.engine import (build_engine, engine_step, finite_or_zero, finish_run, keep_if_best, load_trainer_state,
+                           log_train_window, save_trainer_state, stage_saver, start_run)
 from common.evaluation import collapse_warning, validate
-from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch
-from common.lora import base_fingerprint, save_stage
+from common.lora import base_fingerprint
 from common.losses import segmentation_loss, text_loss
 
 STAGE = "sft"
@@ -50,13 +48,8 @@ def parse_args(argv=None):
     return cli.parse(p, argv)
 
 
-def main(args):
-    # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
-    train_frames, val_frames = splits_from_args(args)
-    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
-
-    model, processor, parts = cli.setup_model(args, log=logger.line)
-    fingerprint = base_fingerprint(model)
+def data_loaders(args, train_frames, val_frames, processor, rank, world_size, device, log):
+    """(train set, its sampler, train loader, val loader, optimizer steps of the run); logs the data line."""
     train_set = VesselDataset(train_frames, args.resize_masks)
     if args.augment:
         train_set = AugmentedViews(train_set, args.seed)
@@ -71,39 +64,35 @@ def main(args):
     # optimizer steps per epoch: a curriculum's early epochs train on fewer frames
     total_steps = sum(max(1, math.ceil(sampler.per_rank_at(epoch) / args.batch_size) // args.grad_accum)
                       for epoch in range(args.epochs))
-    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; "
-                f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
-                f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps"
-                + (f"; curriculum: {curriculum.describe()}" if curriculum else ""))
+    log(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; "
+        f"effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} procs = "
+        f"{args.batch_size * args.grad_accum * world_size}; {total_steps} optimizer steps"
+        + (f"; curriculum: {curriculum.describe()}" if curriculum else ""))
+    return train_set, sampler, train_loader, val_loader, total_steps
 
+
+def main(args):
+    # ---- setup: the data first, so a folder that is refused costs no model load and leaves no run folder
+    train_frames, val_frames = splits_from_args(args)
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    train_set, sampler, train_loader, val_loader, total_steps = data_loaders(
+        args, train_frames, val_frames, processor, rank, world_size, device, logger.line)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
     cache = FeatureCache(device, args.feature_cache_gb)  # frozen work, once per sample
+    save = stage_saver(args, STAGE, engine, run_dir, parts, fingerprint)  # best/ and final/
 
-    # ---- resume
-    state = dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[], bad_steps=0)
-    if args.resume:
-        state = load_trainer_state(engine, run_dir, state, logger.line)
-
-    def meta(epoch, metrics):
-        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
-                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
-
-    def keep_if_best(epoch, val):
-        """best/ = the best validated model, the starting one (epoch 0) included: a stage never ends
-        below its start."""
-        if val["mean_dice"] > state["best_dice"]:
-            state["best_dice"], state["best_epoch"] = val["mean_dice"], epoch
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
-
+    # ---- resume, or validate the starting model (epoch 0: best/ starts as it)
+    state = load_trainer_state(engine, args.resume, dict(epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0,
+                                                         best_epoch=None, history=[], bad_steps=0), logger.line)
     if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
-        start = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
-        state["initial_val"] = start
+        start = state["initial_val"] = validate(model, val_loader, device, args.threshold, cache, engine.autocast)
         logger.line(f"initial val: dice {start['mean_dice']:.4f} recall {start['mean_recall']:.4f} "
                     f"precision {start['mean_precision']:.4f} {collapse_warning(start)}")
-        keep_if_best(0, start)
+        keep_if_best(state, start["mean_dice"], save, start, epoch=0)
 
     # ---- training loop
     t_start = time.time()
@@ -147,25 +136,18 @@ def main(args):
         logger.record(state["step"], {f"val/{k}": v for k, v in val.items()})
         logger.line(f"epoch {epoch + 1} val: dice {val['mean_dice']:.4f} iou {val['mean_iou']:.4f} "
                     f"recall {val['mean_recall']:.4f} precision {val['mean_precision']:.4f} {collapse_warning(val)}")
-        keep_if_best(epoch + 1, val)
+        keep_if_best(state, val["mean_dice"], save, val, epoch=epoch + 1)
         state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
         save_trainer_state(engine, run_dir, state)
 
     # ---- final save and summary
-    final_val = state["history"][-1] if state["history"] else {}
-    if is_main():
-        save_stage(model, os.path.join(run_dir, "final"), parts, meta(args.epochs, final_val), gather_for_save(engine))
-        write_json(os.path.join(run_dir, "training_info.json"), dict(
-            stage=STAGE, args=vars(args), initial_val=state.get("initial_val"), history=state["history"],
-            best_epoch=state["best_epoch"], best_val_dice=state["best_dice"], bad_steps=state["bad_steps"],
-            collapsed_epochs=[h["epoch"] for h in state["history"] if h.get("collapsed")],
-            wall_time_s=time.time() - t_start, world_size=world_size, versions=versions(),
-            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}"
-                f"{': the starting model, no epoch beat it' if state['best_epoch'] == 0 else ''}); outputs in {run_dir}")
-    logger.close()
-    cleanup()
-    return run_dir
+    save("final", state["history"][-1] if state["history"] else {}, epoch=args.epochs)
+    return finish_run(run_dir, logger, t_start, dict(
+        stage=STAGE, args=vars(args), initial_val=state.get("initial_val"), history=state["history"],
+        best_epoch=state["best_epoch"], best_val_dice=state["best_dice"], bad_steps=state["bad_steps"],
+        collapsed_epochs=[h["epoch"] for h in state["history"] if h.get("collapsed")]),
+        f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}"
+        f"{': the starting model, no epoch beat it' if state['best_epoch'] == 0 else ''}); outputs in {run_dir}")
 
 
 if __name__ == "__main__":

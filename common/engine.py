@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from common.files import RunError, write_json
 from common.forward import bf16_autocast
+from common.lora import save_stage
 
 
 # ---------------------------------------------------------------- processes
@@ -337,7 +338,9 @@ def save_trainer_state(engine, run_dir, state, keep=2):
 
 def load_trainer_state(engine, run_dir, state, log):
     """`--resume`: the loop's state saved at the run's last resume point (engine and RNGs
-    restored), or `state` unchanged when the run has none yet."""
+    restored), or `state` unchanged when there is no run to resume (None) or it has none yet."""
+    if not run_dir:
+        return state
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.exists(os.path.join(root, LATEST)):
         log(f"--resume {run_dir}: no checkpoint yet, starting from the beginning")
@@ -350,6 +353,46 @@ def load_trainer_state(engine, run_dir, state, log):
     state = client["trainer"]
     log("resumed at " + ", ".join(f"{k} {state[k]}" for k in ("round", "epoch", "step") if k in state))
     return state
+
+
+def stage_saver(args, stage, engine, run_dir, parts, fingerprint, extra=dict):
+    """save(folder, metrics, **position): the stage checkpoint `<run_dir>/<folder>` (best/, final/) of the
+    engine's model, written by rank 0. Its stage.json names the stage, the base model (`fingerprint`, taken
+    before the engine partitions or casts it), --init, the position (epoch= or step=), the metrics, the
+    arguments, and `extra()`: what a stage adds, read when it saves."""
+    def save(folder, metrics, **position):
+        if is_main():
+            meta = dict(stage=stage, base_model=args.model, base_fingerprint=fingerprint, init=args.init, **position,
+                        metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer, **extra())
+            save_stage(engine.module, os.path.join(run_dir, folder), parts, meta, gather_for_save(engine))
+    return save
+
+
+def keep_if_best(state, score, save, metrics, best="best_dice", **position):
+    """best/ = the best validated model, the starting one (position 0) included: a stage never ends below
+    its start. When `score` beats `state[best]`: records it and the position (`best_epoch` or `best_step`),
+    saves best/, returns True."""
+    if not score > state[best]:
+        return False
+    state[best] = score
+    state.update({f"best_{k}": v for k, v in position.items()})
+    save("best", metrics, **position)
+    return True
+
+
+def finish_run(run_dir, logger, t_start, info, *done_lines):
+    """The end every training run shares, after its final/: training_info.json (`info` + wall time,
+    world size, versions, the checkpoints' paths), the closing lines, logs and processes closed."""
+    if is_main():
+        write_json(os.path.join(run_dir, "training_info.json"), dict(
+            info, wall_time_s=time.time() - t_start, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+            versions=versions(), checkpoints=dict(best=os.path.join(run_dir, "best"),
+                                                  final=os.path.join(run_dir, "final"))))
+    for line in done_lines:
+        logger.line(line)
+    logger.close()
+    cleanup()
+    return run_dir
 
 
 def start_run(args, stage):
