@@ -21,7 +21,6 @@ train.log, metrics.jsonl, tensorboard/, checkpoints/ (for --resume).
 import contextlib
 import json
 import math
-import os
 import random
 import time
 
@@ -32,12 +31,11 @@ from PIL import Image
 from common import cli
 from common.data import (VIEWS, DataError, EvalSampler, VesselDataset, area_curriculum, describe_split, dihedral,
                          frame_mask, image_size, splits_from_args, view_key)
-from common.engine import (build_engine, cleanup, engine_step, finite_or_zero, gather_for_save, is_main,
-                           load_trainer_state, log_train_window, save_trainer_state, start_run, versions)
+from common.engine import (build_engine, engine_step, finite_or_zero, finish_run, keep_if_best, load_trainer_state,
+                           log_train_window, save_trainer_state, stage_saver, start_run)
 from common.evaluation import METRICS, collapse_warning, score_loader, summarize
-from common.files import write_json
 from common.forward import FeatureCache, bf16_autocast, forward_batch, full_size_logits, llm_is_frozen, move_batch
-from common.lora import base_fingerprint, save_stage
+from common.lora import base_fingerprint
 from common.losses import segmentation_loss
 from common.sa2va import family
 
@@ -223,97 +221,124 @@ def describe_val(v):
             f"{v['val']['mean_precision']:.4f} | {part(v['val_hard'], 'hard')} {part(v['val_easy'], 'easy')}")
 
 
+def mine_train(model, train_eval_loader, train_frames, args, device, autocast, desc):
+    """Train-frame indices the model segments with Dice < --threshold_hard."""
+    # no cache here: its memory goes to the frames that train (and to validation)
+    records = score_loader(model, train_eval_loader, device, (args.threshold,), autocast=autocast, desc=desc)
+    dice = {r["key"]: r["dice"][0] for r in records}
+    return [i for i, f in enumerate(train_frames) if dice[f.key] < args.threshold_hard]
+
+
+def first_hard_set(args, model, train_eval_loader, train_frames, val_frames, device, deepspeed_on, log):
+    """(train-frame indices of the first round, the hard list's JSON or {}): --hard_list, or --mine with the
+    starting model before the engine (the schedule is planned on the real hard count), in the dtype training
+    will use (DeepSpeed bf16 casts the module itself; plain torch autocasts)."""
+    if args.hard_list:
+        hard, spec = read_hard_list(args.hard_list, train_frames, val_frames, log)
+        if spec.get("init") != args.init:
+            log(f"note: {args.hard_list} was mined with init {spec.get('init')!r}, training starts from {args.init!r}")
+        return hard, spec
+    model.to(device=device, dtype=torch.bfloat16 if deepspeed_on and args.bf16 else None)
+    return mine_train(model, train_eval_loader, train_frames, args, device,
+                      bf16_autocast(args.bf16 and not deepspeed_on, device), "mining train"), {}
+
+
+def planned_steps(args, hard, train_frames, val_frames, model, world_size, log):
+    """Optimizer steps of the run, planned on the first round's hard set (later rounds' may differ); logs the
+    data line."""
+    easy = sorted(set(range(len(train_frames))) - set(hard))
+    curriculum = area_curriculum(train_frames, args, hard)  # None unless --curriculum area: shorter epochs
+    steps = args.iterations * sum(max(1, math.ceil(len(epoch_items(hard, easy, args, 0, e, 0, world_size, curriculum))
+                                                   / args.batch_size) // args.grad_accum) for e in range(args.epochs))
+    log(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; {len(hard)} hard + "
+        f"{round(args.easy_ratio * len(easy))} easy replayed per epoch; effective batch {args.batch_size} x "
+        f"{args.grad_accum} accum x {world_size} procs; ~{steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} "
+        f"(its [SEG] states {'are' if llm_is_frozen(model) else 'are not'} cached)")
+    return steps
+
+
+def start_round(state, args, train_frames, log):
+    """Record and log the round's hard set (once per round); False when there is none to train on."""
+    if state["epoch"] == 0 and len(state["rounds"]) == state["round"]:
+        state["rounds"].append(dict(round=state["round"] + 1, hard=[train_frames[i].key for i in state["hard"]]))
+        log(f"round {state['round'] + 1}/{args.iterations}: {len(state['hard'])} hard train frames "
+            f"(Dice < {args.threshold_hard:g})")
+    if not state["hard"]:
+        log(f"no train frame has Dice < {args.threshold_hard:g}: nothing (more) to train")
+    return bool(state["hard"])
+
+
+def epoch_loader(model, train_frames, items, cache, fill_cache, processor, loader_kw, args, device, autocast, masks,
+                 log):
+    """(the epoch's DataLoader, samples precomputed, whether to keep filling the cache); see epoch_dataset."""
+    dataset, precomputed, missing = epoch_dataset(model, train_frames, items, cache, fill_cache, processor, loader_kw,
+                                                  args, device, autocast, masks)
+    if missing and fill_cache:  # later epochs skip the pre-pass: its results would not be kept
+        fill_cache = False
+        log(f"cache full ({cache.bytes / 2 ** 30:.2f} GiB): {missing} samples are recomputed at every step; raise "
+            f"--feature_cache_gb")
+    # a fully cached epoch reads no image: its masks come from memory after the first such
+    # epoch, and worker processes (started anew every epoch) would cost more than they save
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
+                                         **(dict(num_workers=0) if not missing else loader_kw))
+    return loader, precomputed, fill_cache
+
+
+def record_epoch(state, logger, cache, epoch, val, train):
+    """The epoch's history entry (its training numbers `train`, the cache, the validation), record and line."""
+    state["history"].append(dict(epoch=epoch + 1, round=state["round"] + 1, step=state["step"], **train,
+                                 cache=dict(entries=len(cache), mb=cache.bytes / 2 ** 20, hits=dict(cache.hits),
+                                            misses=dict(cache.misses)), **val))
+    logger.record(state["step"], {f"{name}/{m}": s[f"mean_{m}"] for name, s in val.items() if s for m in METRICS}
+                  | {"cache/entries": len(cache), "cache/seg_hidden_hits": cache.hits["seg_hidden"],
+                     "train/epoch_seconds": train["train_seconds"]})
+    logger.line(f"epoch {epoch + 1} val: {describe_val(val)} {collapse_warning(val['val'])}")
+
+
 def main(args):
     if bool(args.hard_list) == bool(args.mine):
         raise SystemExit("pass exactly one of --hard_list FILE and --mine")
     # ---- setup
     deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
-
     model, processor, parts = cli.setup_model(args, log=logger.line)
     fingerprint = base_fingerprint(model)
     train_frames, val_frames = splits_from_args(args)
     if not val_frames:
         raise DataError(f"{args.data}: no validation frames (the hard/easy validation needs them); see --val_fraction")
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda")
-
-    def eval_loader(frames):
-        dataset = VesselDataset(frames, args.resize_masks)
-        sampler = EvalSampler(len(dataset), rank, world_size)
-        return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, collate_fn=processor, **loader_kw)
-
-    train_eval_loader, val_loader = eval_loader(train_frames), eval_loader(val_frames)
-
-    def mine(desc, autocast):
-        # no cache here: its memory goes to the frames that train (and to validation)
-        records = score_loader(model, train_eval_loader, device, (args.threshold,), autocast=autocast, desc=desc)
-        dice = {r["key"]: r["dice"][0] for r in records}
-        return [i for i, f in enumerate(train_frames) if dice[f.key] < args.threshold_hard]
-
-    state = dict(round=0, epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0, best_epoch=None, history=[],
-                 bad_steps=0, hard=None, rounds=[])
-    hard_spec = {}
-    if args.hard_list:
-        state["hard"], hard_spec = read_hard_list(args.hard_list, train_frames, val_frames, logger.line)
-        if hard_spec.get("init") != args.init:
-            logger.line(f"note: {args.hard_list} was mined with init {hard_spec.get('init')!r}, training starts "
-                        f"from {args.init!r}")
-
-    if state["hard"] is None:  # --mine: before the engine, to plan the schedule on the real hard count,
-        # in the dtype training will use (DeepSpeed bf16 casts the module itself; plain torch autocasts)
-        model.to(device=device, dtype=torch.bfloat16 if deepspeed_on and args.bf16 else None)
-        state["hard"] = mine("mining train", bf16_autocast(args.bf16 and not deepspeed_on, device))
-    planned = len(state["hard"])  # the schedule follows the first round's size (later rounds' may differ)
-    easy = sorted(set(range(len(train_frames))) - set(state["hard"]))
-    n_easy = round(args.easy_ratio * len(easy))
-    curriculum = area_curriculum(train_frames, args, state["hard"])  # None unless --curriculum area: shorter epochs
-    total_steps = args.iterations * sum(max(1, math.ceil(len(epoch_items(
-        state["hard"], easy, args, 0, e, 0, world_size, curriculum)) / args.batch_size) // args.grad_accum)
-        for e in range(args.epochs))
+    train_eval_loader, val_loader = (torch.utils.data.DataLoader(
+        VesselDataset(frames, args.resize_masks), args.batch_size, sampler=EvalSampler(len(frames), rank, world_size),
+        collate_fn=processor, **loader_kw) for frames in (train_frames, val_frames))
+    hard, hard_spec = first_hard_set(args, model, train_eval_loader, train_frames, val_frames, device, deepspeed_on,
+                                     logger.line)
+    total_steps = planned_steps(args, hard, train_frames, val_frames, model, world_size, logger.line)
     params = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(model, params, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
     cache = FeatureCache(device, args.feature_cache_gb)
     cached_masks = {}  # view key -> mask of the cached items (host memory: one byte per pixel)
-    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; {planned} hard + "
-                f"{n_easy} easy replayed per epoch; effective batch {args.batch_size} x {args.grad_accum} accum x {world_size} "
-                f"procs; ~{total_steps} optimizer steps; frozen LLM: {llm_is_frozen(model)} (its [SEG] states "
-                f"{'are' if llm_is_frozen(model) else 'are not'} cached)")
+    save = stage_saver(args, STAGE, engine, run_dir, parts, fingerprint, extra=lambda: dict(
+        hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]]))
 
-    def meta(epoch, metrics):
-        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
-                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer,
-                    hard_list=args.hard_list, hard_samples=[len(r["hard"]) for r in state["rounds"]])
-
-    def keep_if_best(epoch, val):
-        """best/ = the best validated model on the whole val split, the starting one (epoch 0) included:
-        the stage never ends below its start."""
-        if val["val"]["mean_dice"] > state["best_dice"]:
-            state["best_dice"], state["best_epoch"] = val["val"]["mean_dice"], epoch
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
-
-    # ---- resume, or score the val split once with the starting model (hard/easy parts)
-    if args.resume:
-        state = load_trainer_state(engine, run_dir, state, logger.line)
+    # ---- resume, or score the val split once with the starting model (hard/easy parts; epoch 0: best/ starts as it)
+    state = load_trainer_state(engine, args.resume, dict(round=0, epoch=0, step=0, micro_in_epoch=0, best_dice=-1.0,
+                                                         best_epoch=None, history=[], bad_steps=0, hard=hard, rounds=[]),
+                               logger.line)
     if "val_hard" not in state:
         records = score_loader(model, val_loader, device, (args.threshold,), autocast=engine.autocast, desc="val")
         state["val_hard"] = sorted(r["key"] for r in records if r["dice"][0] < args.threshold_hard)
-        state["initial_val"] = subset_metrics(records, set(state["val_hard"]), args.threshold)
-        logger.line(f"initial val: {describe_val(state['initial_val'])} {collapse_warning(state['initial_val']['val'])}")
-        keep_if_best(0, state["initial_val"])
+        start = state["initial_val"] = subset_metrics(records, set(state["val_hard"]), args.threshold)
+        logger.line(f"initial val: {describe_val(start)} {collapse_warning(start['val'])}")
+        keep_if_best(state, start["val"]["mean_dice"], save, start, epoch=0)
     val_hard = set(state["val_hard"])
 
     # ---- training: rounds of (hard set, epochs)
     t_start, fill_cache = time.time(), llm_is_frozen(model) and args.feature_cache_gb > 0
     while state["round"] < args.iterations:
         if state["hard"] is None:  # a later round: re-mine with the current model
-            state["hard"] = mine(f"re-mining train (round {state['round'] + 1})", engine.autocast)
-        if state["epoch"] == 0 and len(state["rounds"]) == state["round"]:
-            state["rounds"].append(dict(round=state["round"] + 1, hard=[train_frames[i].key for i in state["hard"]]))
-            logger.line(f"round {state['round'] + 1}/{args.iterations}: {len(state['hard'])} hard train frames "
-                        f"(Dice < {args.threshold_hard:g})")
-        if not state["hard"]:
-            logger.line(f"no train frame has Dice < {args.threshold_hard:g}: nothing (more) to train")
+            state["hard"] = mine_train(model, train_eval_loader, train_frames, args, device, engine.autocast,
+                                       f"re-mining train (round {state['round'] + 1})")
+        if not start_round(state, args, train_frames, logger.line):
             break
         hard_set = set(state["hard"])
         easy = [i for i in range(len(train_frames)) if i not in hard_set]
@@ -323,21 +348,12 @@ def main(args):
         while state["epoch"] < args.epochs:
             epoch = state["round"] * args.epochs + state["epoch"]  # counted over all rounds
             items = epoch_items(state["hard"], easy, args, state["round"], state["epoch"], rank, world_size, curriculum)
-            items = items[state["micro_in_epoch"] * args.batch_size:]
             train_mode(model)
             t_epoch = time.time()
-            dataset, precomputed, missing = epoch_dataset(model, train_frames, items, cache, fill_cache, processor,
-                                                          loader_kw, args, device, engine.autocast, cached_masks)
-            if missing and fill_cache:  # later epochs skip the pre-pass: its results would not be kept
-                fill_cache = False
-                logger.line(f"cache full ({cache.bytes / 2 ** 30:.2f} GiB): {missing} samples are recomputed at every "
-                            f"step; raise --feature_cache_gb")
-            # a fully cached epoch reads no image: its masks come from memory after the first such
-            # epoch, and worker processes (started anew every epoch) would cost more than they save
-            loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=HardCollate(processor, dataset),
-                                                 **(dict(num_workers=0) if not missing else loader_kw))
-            window, t_window, seen = [], time.time(), 0
-            hits_before = cache.hits["fpn"]
+            loader, precomputed, fill_cache = epoch_loader(
+                model, train_frames, items[state["micro_in_epoch"] * args.batch_size:], cache, fill_cache, processor,
+                loader_kw, args, device, engine.autocast, cached_masks, logger.line)
+            window, t_window, seen, hits_before = [], time.time(), 0, cache.hits["fpn"]
             for batch in loader:
                 losses = hard_loss(model, batch, device, cache, args.dice_weight, args.bce_weight, args.bce_pos_weight,
                                    engine.autocast)
@@ -357,47 +373,31 @@ def main(args):
                     window, t_window = [], time.time()
                 if args.save_every and state["step"] % args.save_every == 0:
                     save_trainer_state(engine, run_dir, state)
-            train_seconds, train_hits = time.time() - t_epoch, cache.hits["fpn"] - hits_before
+            train = dict(train_seconds=time.time() - t_epoch, train_samples=seen, precomputed=precomputed,
+                         train_cache_hits=cache.hits["fpn"] - hits_before)
 
             # ---- end of epoch: cache report, validation on all / hard / easy, best/, resume point
-            logger.line(f"epoch {epoch + 1} train: {seen} samples in {train_seconds:.1f} s "
-                        f"({seen / max(train_seconds, 1e-9):.1f} samples/s), {precomputed} precomputed, {train_hits} "
-                        f"served from the cache; cache: {cache.summary()}")
+            logger.line(f"epoch {epoch + 1} train: {seen} samples in {train['train_seconds']:.1f} s "
+                        f"({seen / max(train['train_seconds'], 1e-9):.1f} samples/s), {precomputed} precomputed, "
+                        f"{train['train_cache_hits']} served from the cache; cache: {cache.summary()}")
             records = score_loader(model, val_loader, device, (args.threshold,), cache=cache, autocast=engine.autocast,
                                    desc="validating")
             val = subset_metrics(records, val_hard, args.threshold)
-            state["history"].append(dict(epoch=epoch + 1, round=state["round"] + 1, step=state["step"],
-                                         train_seconds=train_seconds, train_samples=seen, precomputed=precomputed,
-                                         train_cache_hits=train_hits,
-                                         cache=dict(entries=len(cache), mb=cache.bytes / 2 ** 20, hits=dict(cache.hits),
-                                                    misses=dict(cache.misses)), **val))
-            logger.record(state["step"], {f"{name}/{m}": s[f"mean_{m}"] for name, s in val.items() if s
-                                          for m in METRICS} | {"cache/entries": len(cache),
-                                                               "cache/seg_hidden_hits": cache.hits["seg_hidden"],
-                                                               "train/epoch_seconds": train_seconds})
-            logger.line(f"epoch {epoch + 1} val: {describe_val(val)} {collapse_warning(val['val'])}")
-            keep_if_best(epoch + 1, val)
+            record_epoch(state, logger, cache, epoch, val, train)
+            keep_if_best(state, val["val"]["mean_dice"], save, val, epoch=epoch + 1)
             state["epoch"], state["micro_in_epoch"] = state["epoch"] + 1, 0
             save_trainer_state(engine, run_dir, state)
         state["round"], state["epoch"], state["hard"] = state["round"] + 1, 0, None
 
     # ---- final save and summary
-    final_val = state["history"][-1] if state["history"] else {}
-    if is_main():
-        save_stage(model, os.path.join(run_dir, "final"), parts, meta(len(state["history"]), final_val),
-                   gather_for_save(engine))
-        write_json(os.path.join(run_dir, "training_info.json"), dict(
-            stage=STAGE, args=vars(args), hard_list=dict(path=args.hard_list, init=hard_spec.get("init"),
-                                                         threshold_hard=hard_spec.get("threshold_hard")),
-            rounds=state["rounds"], val_hard_keys=state["val_hard"], initial_val=state["initial_val"],
-            history=state["history"], best_epoch=state["best_epoch"], best_val_dice=state["best_dice"],
-            bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start, world_size=world_size,
-            versions=versions(),
-            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
-    logger.close()
-    cleanup()
-    return run_dir
+    save("final", state["history"][-1] if state["history"] else {}, epoch=len(state["history"]))
+    return finish_run(run_dir, logger, t_start, dict(
+        stage=STAGE, args=vars(args), hard_list=dict(path=args.hard_list, init=hard_spec.get("init"),
+                                                     threshold_hard=hard_spec.get("threshold_hard")),
+        rounds=state["rounds"], val_hard_keys=state["val_hard"], initial_val=state["initial_val"],
+        history=state["history"], best_epoch=state["best_epoch"], best_val_dice=state["best_dice"],
+        bad_steps=state["bad_steps"]),
+        f"done: best val dice {state['best_dice']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
 
 
 if __name__ == "__main__":

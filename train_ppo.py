@@ -54,7 +54,6 @@ checkpoints/ (for --resume).
 """
 import contextlib
 import math
-import os
 import time
 
 import numpy as np
@@ -63,13 +62,12 @@ import torch.nn as nn
 
 from common import cli
 from common.data import EvalSampler, ShardedSampler, VesselDataset, describe_split, splits_from_args
-from common.engine import (all_gather_objects, all_reduce_sum, build_engine, cleanup, engine_step, finite_or_zero,
-                           gather_for_save, is_main, load_trainer_state, log_train_window, mean_over_ranks,
-                           save_trainer_state, start_run, use_deepspeed, versions)
+from common.engine import (all_gather_objects, all_reduce_sum, build_engine, engine_step, finite_or_zero, finish_run,
+                           keep_if_best, load_trainer_state, log_train_window, mean_over_ranks, save_trainer_state,
+                           stage_saver, start_run, use_deepspeed)
 from common.evaluation import collapse_warning, score_loader, summarize
-from common.files import write_json
 from common.forward import FeatureCache, forward_batch, full_size_logits, move_batch, upsample_logits
-from common.lora import base_fingerprint, save_stage
+from common.lora import base_fingerprint
 from common.losses import (bernoulli_entropy, bernoulli_kl, constant_groups, group_advantages, mask_log_likelihood,
                            normalized_advantages, ppo_clip_loss, segmentation_loss, variance_selection)
 from common.rewards import REWARDS, cldice, make_reward
@@ -277,6 +275,30 @@ def rollout_summary(rollout, args):
     return out
 
 
+def sample_rollout(model, batches, cache, reward_fn, args, policy_params, reference, autocast, rng, device):
+    """(rollout: up to --rollout_batches batches of `batches` sampled and scored, with their advantages
+    (and --select_by_variance's choice), its summary); ([], None) when `batches` is spent. Updates the
+    reward's running recall from every rank's rollout."""
+    rollout = [collect_rollout(model, move_batch(b, device), cache, reward_fn, args, policy_params, reference,
+                               autocast, rng) for _, b in zip(range(args.rollout_batches), batches)]
+    if not rollout:
+        return [], None
+    set_advantages(rollout, args)
+    if args.select_by_variance > 0:
+        select_images(rollout, args)
+    summary = rollout_summary(rollout, args)
+    # every rank must use the same reward weights: the dynamic switch reads the recall of all ranks
+    n_masks = sum(ro["rewards"].numel() for ro in rollout)
+    recall_sum = all_reduce_sum(torch.tensor([summary["recall"] * n_masks, n_masks], dtype=torch.float64))
+    reward_fn.update_running_recall(float(recall_sum[0] / recall_sum[1]))
+    return rollout, summary
+
+
+def val_line(name, val):
+    return (f"{name}: reward {val['mean_reward']:.4f} dice {val['mean_dice']:.4f} recall {val['mean_recall']:.4f} "
+            f"precision {val['mean_precision']:.4f} cldice {val['mean_cldice']:.4f} {collapse_warning(val)}")
+
+
 def validate_with_reward(model, loader, val_masks, device, args, cache, autocast, reward_fn):
     """validate()'s metrics of the greedy mask at --threshold, plus its mean reward (base weights) and clDice."""
     records, probs = score_loader(model, loader, device, (args.threshold,), cache, autocast, "validating",
@@ -336,41 +358,26 @@ def main(args):
     # the global RNG (a DataLoader draws a seed per iterator) cannot shift a resumed run's samples
     rng = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
 
+    save = stage_saver(args, STAGE, engine, run_dir, parts, fingerprint)  # best/ and final/
+
     # ---- resume
-    state = dict(epoch=0, step=0, micro_in_epoch=0, best_score=-math.inf, best_epoch=None, history=[], bad_steps=0,
-                 running_recall=None, epoch_rollouts=[], rng=None)
-    if args.resume:
-        state = load_trainer_state(engine, run_dir, state, logger.line)
-        if state["rng"] is not None:  # resumed: the rollout sampler and the dynamic recall weight go on
-            reward_fn.running_recall = state["running_recall"]
-            rng.set_state(state["rng"])
+    state = load_trainer_state(engine, args.resume, dict(epoch=0, step=0, micro_in_epoch=0, best_score=-math.inf,
+                                                         best_epoch=None, history=[], bad_steps=0, running_recall=None,
+                                                         epoch_rollouts=[], rng=None), logger.line)
+    if state["rng"] is not None:  # resumed: the rollout sampler and the dynamic recall weight go on
+        reward_fn.running_recall = state["running_recall"]
+        rng.set_state(state["rng"])
 
     def checkpoint():
         state["running_recall"], state["rng"] = reward_fn.running_recall, rng.get_state()
         save_trainer_state(engine, run_dir, state)
 
-    def meta(epoch, metrics):
-        return dict(stage=STAGE, base_model=args.model, base_fingerprint=fingerprint, init=args.init, epoch=epoch,
-                    metrics=metrics, args=vars(args), prompt=args.prompt, answer=args.answer)
-
-    def val_line(name, val):
-        return (f"{name}: reward {val['mean_reward']:.4f} dice {val['mean_dice']:.4f} recall "
-                f"{val['mean_recall']:.4f} precision {val['mean_precision']:.4f} cldice {val['mean_cldice']:.4f} "
-                f"{collapse_warning(val)}")
-
-    def keep_if_best(epoch, val):
-        """best/ = the model with the best validation --best_by (mean Dice or reward), the starting one
-        (epoch 0) included: the stage never ends below its start on that measure."""
-        if val[f"mean_{args.best_by}"] > state["best_score"]:
-            state["best_score"], state["best_epoch"] = val[f"mean_{args.best_by}"], epoch
-            if is_main():
-                save_stage(model, os.path.join(run_dir, "best"), parts, meta(epoch, val), gather_for_save(engine))
-
     if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
         state["initial_val"] = validate_with_reward(model, val_loader, val_masks, device, args, cache,
                                                     engine.autocast, reward_fn)
         logger.line(val_line("initial val", state["initial_val"]))
-        keep_if_best(0, state["initial_val"])
+        keep_if_best(state, state["initial_val"][f"mean_{args.best_by}"], save, state["initial_val"], "best_score",
+                     epoch=0)
 
     # ---- training loop: rollout (no grad) -> PPO epochs over its minibatches (grad)
     t_start = time.time()
@@ -381,19 +388,11 @@ def main(args):
         window, t_window, steps_in_window, images_in_window, last_logged = [], time.time(), 0, 0, state["step"]
         while True:
             step_before = state["step"]
-            rollout = [collect_rollout(model, move_batch(b, device), cache, reward_fn, args, policy_params, reference,
-                                       engine.autocast, rng) for _, b in zip(range(args.rollout_batches), batches)]
+            rollout, summary = sample_rollout(model, batches, cache, reward_fn, args, policy_params, reference,
+                                              engine.autocast, rng, device)
             if not rollout:
                 break
-            set_advantages(rollout, args)
-            if args.select_by_variance > 0:
-                select_images(rollout, args)
-            summary = rollout_summary(rollout, args)
-            # every rank must use the same reward weights: the dynamic switch reads the recall of all ranks
-            n_masks = sum(ro["rewards"].numel() for ro in rollout)
             images_in_window += sum(len(ro["rewards"]) for ro in rollout) * world_size
-            recall_sum = all_reduce_sum(torch.tensor([summary["recall"] * n_masks, n_masks], dtype=torch.float64))
-            reward_fn.update_running_recall(float(recall_sum[0] / recall_sum[1]))
             updates = []
             for _ in range(args.ppo_epochs):
                 for i in torch.randperm(len(rollout), generator=rng, device=device).tolist():
@@ -423,25 +422,18 @@ def main(args):
         state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
         logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
         logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
-        keep_if_best(epoch + 1, val)
+        keep_if_best(state, val[f"mean_{args.best_by}"], save, val, "best_score", epoch=epoch + 1)
         state["epoch"], state["micro_in_epoch"], state["epoch_rollouts"] = epoch + 1, 0, []
         checkpoint()
 
     # ---- final save and summary
-    final_val = state["history"][-1] if state["history"] else {}
-    if is_main():
-        save_stage(model, os.path.join(run_dir, "final"), parts, meta(args.epochs, final_val), gather_for_save(engine))
-        write_json(os.path.join(run_dir, "training_info.json"), dict(
-            stage=STAGE, args=vars(args), reward=dict(type=args.reward_type, weights=reward_fn.base_weights,
-                                                      recall_target=reward_fn.recall_target),
-            initial_val=state.get("initial_val"), history=state["history"], best_epoch=state["best_epoch"],
-            best_by=args.best_by, best_val_score=state["best_score"], bad_steps=state["bad_steps"], wall_time_s=time.time() - t_start,
-            world_size=world_size, versions=versions(),
-            checkpoints=dict(best=os.path.join(run_dir, "best"), final=os.path.join(run_dir, "final"))))
-    logger.line(f"done: best val {args.best_by} {state['best_score']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
-    logger.close()
-    cleanup()
-    return run_dir
+    save("final", state["history"][-1] if state["history"] else {}, epoch=args.epochs)
+    return finish_run(run_dir, logger, t_start, dict(
+        stage=STAGE, args=vars(args), reward=dict(type=args.reward_type, weights=reward_fn.base_weights,
+                                                  recall_target=reward_fn.recall_target),
+        initial_val=state.get("initial_val"), history=state["history"], best_epoch=state["best_epoch"],
+        best_by=args.best_by, best_val_score=state["best_score"], bad_steps=state["bad_steps"]),
+        f"done: best val {args.best_by} {state['best_score']:.4f} (epoch {state['best_epoch']}); outputs in {run_dir}")
 
 
 if __name__ == "__main__":
