@@ -464,17 +464,9 @@ def predict_frames(args, rank, world_size, device):
     return records
 
 
-def main(args):
-    rank, world_size, device = init_distributed(False)
-    seed_everything(args.seed)
-    if args.video_mode and args.video_regex is None:
-        raise SystemExit("--video_mode carries SAM2's memory from frame to frame of a video; with --still_images every "
-                         "image is its own video, so there is nothing to carry: drop one of them")
-    labelled = os.path.isdir(os.path.join(args.data, "masks")) or os.path.isfile(os.path.join(args.data, ANNOTATIONS_FILE))
-    if args.predict_only or not labelled:
-        records = predict_frames(args, rank, world_size, device)
-        cleanup()
-        return records
+def scoring_args(args):
+    """(checkpoints, thresholds, baseline rows) of a scoring run; SystemExit, before any model is loaded, for a
+    checkpoint or U-Net folder that is not one, --answer_mode generate, or an unknown or clashing baseline name."""
     checkpoints = resolve_checkpoints(args, predicting=False)
     for name, ckpt in checkpoints:  # a wrong folder (a U-Net run, say) stops the run before any model is loaded
         try:
@@ -486,7 +478,6 @@ def main(args):
         raise SystemExit("scoring runs the fixed answer (batched forward path); --answer_mode generate is for frames "
                          "without ground truth (--predict_only)")
     thresholds = sorted({float(t) for t in args.thresholds.split(",") if t} | {args.threshold})
-    main_t = thresholds.index(args.threshold)
     wanted_baselines = list(dict.fromkeys([b for b in args.baselines.split(",") if b] + ["unet"] * bool(args.unet)))
     if set(wanted_baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: unknown {sorted(set(wanted_baselines) - set(BASELINES))}; "
@@ -499,6 +490,99 @@ def main(args):
             baselines.unet_checkpoint(args.unet)
         except CheckpointError as e:
             raise SystemExit(f"--unet: {e}")
+    return checkpoints, thresholds, wanted_baselines
+
+
+def cldice_by_key(args, probs, dataset, by_key):
+    """{frame key: clDice at --threshold (None with --no_cldice)} of every rank's frames, each computed on the rank
+    whose probability maps `probs` hold it (they stay there)."""
+    local = {key: None if args.no_cldice else cldice((p > args.threshold).numpy(), dataset[by_key[key]]["mask"])
+             for key, p in probs.items()}
+    return {k: v for part in all_gather_objects(local) for k, v in part.items()}
+
+
+def row_summary(args, ckpt, info, records, cldices, thresholds, cluster_keys):
+    """A row's summary.json entry: the means at --threshold, clDice, the threshold sweep and its best threshold,
+    and with --hard_clusters the clusters' frame count and mean Dice."""
+    sweep = summarize(records, thresholds)
+    best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
+    summary = dict(checkpoint=ckpt, **info, threshold=args.threshold, **sweep[float(args.threshold)],
+                   mean_cldice=None if args.no_cldice else float(np.mean(list(cldices.values()))),
+                   best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
+                   sweep={str(t): v for t, v in sweep.items()})
+    if cluster_keys is not None:
+        dices = [r["dice"][thresholds.index(args.threshold)] for r in records if r["key"] in cluster_keys]
+        summary.update(cluster_frames=len(dices), cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
+    return summary
+
+
+def row_line(name, s, frames, no_cldice):
+    """The printed line of a row's summary `s` over `frames` scored frames."""
+    return (f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
+            f"precision {s['mean_precision']:.4f}" + ("" if no_cldice else f" cldice {s['mean_cldice']:.4f}")
+            + f" | best threshold {s['best_threshold']:g} -> dice {s['best_threshold_mean_dice']:.4f}"
+            + (f" | {s['empty_masks']} of {frames} frames predicted EMPTY where the ground truth "
+               f"has vessel" if s["empty_masks"] else ""))
+
+
+def write_overlays(args, name, records, probs, dataset, by_key, main_t):
+    """overlays/<name>_{worst,best}_<key>.png of the --overlays lowest- and highest-Dice frames this rank scored."""
+    ranked = sorted(records, key=lambda r: r["dice"][main_t])
+    chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
+    os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
+    for key, tag in chosen.items():
+        if key not in probs:
+            continue  # scored by another rank
+        sample = dataset[by_key[key]]
+        overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
+            os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
+
+
+def compare_to_first(summary, rows):
+    """Each later row's per-frame Dice against the first row's (the baseline): mean delta and the frames it
+    improved or worsened, added to its summary and printed."""
+    names = list(summary)
+    if len(names) < 2:
+        return
+    base = {r["sample"]: r["dice"] for r in rows if r["checkpoint"] == names[0]}
+    for name in names[1:]:
+        deltas = [r["dice"] - base[r["sample"]] for r in rows if r["checkpoint"] == name]
+        summary[name]["delta_mean_dice_vs_" + names[0]] = float(np.mean(deltas))
+        summary[name]["improved_samples"] = int(sum(d > 0 for d in deltas))
+        summary[name]["worsened_samples"] = int(sum(d < 0 for d in deltas))
+        print0(f"{name} vs {names[0]}: mean dice {np.mean(deltas):+.4f}, {summary[name]['improved_samples']} "
+               f"samples better, {summary[name]['worsened_samples']} worse")
+
+
+def write_scores(args, rows, summary, table, frames, total):
+    """metrics.csv (a row per frame and checkpoint), summary.json, stage_table.md, and the line naming them."""
+    with open(os.path.join(args.output, "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(os.path.join(args.output, "summary.json"), dict(data=args.data, split=args.split, model=args.model,
+                                                               samples=len(frames), folder_frames=total,
+                                                               videos=len({f.video for f in frames}),
+                                                               checkpoints=summary))
+    with open(os.path.join(args.output, "stage_table.md"), "w") as f:
+        f.write(table + "\n")
+    print0(f"wrote {args.output}/metrics.csv, summary.json, stage_table.md" + (", overlays/" if args.overlays else "")
+           + (", panel.png" if args.panel else ""))
+
+
+def main(args):
+    rank, world_size, device = init_distributed(False)
+    seed_everything(args.seed)
+    if args.video_mode and args.video_regex is None:
+        raise SystemExit("--video_mode carries SAM2's memory from frame to frame of a video; with --still_images every "
+                         "image is its own video, so there is nothing to carry: drop one of them")
+    labelled = os.path.isdir(os.path.join(args.data, "masks")) or os.path.isfile(os.path.join(args.data, ANNOTATIONS_FILE))
+    if args.predict_only or not labelled:
+        records = predict_frames(args, rank, world_size, device)
+        cleanup()
+        return records
+    checkpoints, thresholds, wanted_baselines = scoring_args(args)
+    main_t = thresholds.index(args.threshold)
     frames, total = select_split(args, args.split, with_total=True)
     dataset = VesselDataset(frames, args.resize_masks)
     by_key = {f.key: i for i, f in enumerate(frames)}
@@ -512,50 +596,24 @@ def main(args):
 
     def add_result(name, ckpt, records, probs, **info):
         """One row of the comparison (a checkpoint, its video mode, or a baseline): clDice, panel, the
-        threshold sweep, metrics.csv rows, overlays; `probs` are this rank's probability maps."""
+        threshold sweep, metrics.csv rows, overlays; `probs` are this rank's probability maps (clDice and
+        overlays are computed on the rank that made them)."""
         nonlocal panel_keys
-        # probabilities stay on the rank that made them: clDice and overlays are computed there
-        local = {}
-        for key, p in probs.items():
-            pred = (p > args.threshold).numpy()
-            local[key] = dict(cldice=None if args.no_cldice else cldice(pred, dataset[by_key[key]]["mask"]))
-        extra = {k: v for part in all_gather_objects(local) for k, v in part.items()}
+        cldices = cldice_by_key(args, probs, dataset, by_key)
         if args.panel:
             if panel_keys is None:  # the hardest frames for the first checkpoint (the baseline)
                 panel_keys = [r["key"] for r in sorted(records, key=lambda r: r["dice"][main_t])[:args.panel]]
             local_masks = {k: (probs[k] > args.threshold).numpy() for k in panel_keys if k in probs}
             panel_masks[name] = {k: v for part in all_gather_objects(local_masks) for k, v in part.items()}
-        sweep = summarize(records, thresholds)
-        best_t = max(sweep, key=lambda t: sweep[t]["mean_dice"])
-        summary[name] = dict(checkpoint=ckpt, **info, threshold=args.threshold, **sweep[float(args.threshold)],
-                             mean_cldice=None if args.no_cldice else float(np.mean([e["cldice"] for e in extra.values()])),
-                             best_threshold=best_t, best_threshold_mean_dice=sweep[best_t]["mean_dice"],
-                             sweep={str(t): v for t, v in sweep.items()})
-        if cluster_keys is not None:
-            dices = [r["dice"][main_t] for r in records if r["key"] in cluster_keys]
-            summary[name].update(cluster_frames=len(dices),
-                                 cluster_mean_dice=float(np.mean(dices)) if dices else float("nan"))
+        summary[name] = row_summary(args, ckpt, info, records, cldices, thresholds, cluster_keys)
         for r in records:
             f = frames[r["index"]]
             rows.append(dict(checkpoint=name, checkpoint_path=ckpt or info.get("description") or "base model",
                              sample=r["key"], video=f.video, frame=f.frame,
-                             **{k: r[k][main_t] for k in METRICS}, cldice=extra[r["key"]]["cldice"]))
+                             **{k: r[k][main_t] for k in METRICS}, cldice=cldices[r["key"]]))
         if is_main() and args.overlays:
-            ranked = sorted(records, key=lambda r: r["dice"][main_t])
-            chosen = {r["key"]: "worst" for r in ranked[:args.overlays]} | {r["key"]: "best" for r in ranked[-args.overlays:]}
-            os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
-            for key, tag in chosen.items():
-                if key not in probs:
-                    continue  # scored by another rank
-                sample = dataset[by_key[key]]
-                overlay(sample["image"], sample["mask"], (probs[key] > args.threshold).numpy()).save(
-                    os.path.join(args.output, "overlays", f"{name}_{tag}_{key}.png"))
-        s = summary[name]
-        print0(f"{name:>12}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f} recall {s['mean_recall']:.4f} "
-               f"precision {s['mean_precision']:.4f}" + ("" if args.no_cldice else f" cldice {s['mean_cldice']:.4f}")
-               + f" | best threshold {best_t:g} -> dice {s['best_threshold_mean_dice']:.4f}"
-               + (f" | {s['empty_masks']} of {len(records)} frames predicted EMPTY where the ground truth "
-                  f"has vessel" if s["empty_masks"] else ""))
+            write_overlays(args, name, records, probs, dataset, by_key, main_t)
+        print0(row_line(name, summary[name], len(records), args.no_cldice))
 
     for base_name, ckpt in checkpoints:
         model, processor, autocast = cli.load_for_inference(args, ckpt, device)
@@ -578,35 +636,15 @@ def main(args):
         ckpt, records, probs, info = score_baseline(args, name, dataset, thresholds, rank, world_size, device)
         add_result(name, ckpt, records, probs, **info)
 
-    names = list(summary)
     table = stage_table(summary, caption)
     if args.video_mode:
         table += "\n\n" + video_table(summary)
     print0(table)
     if is_main() and args.panel:
         write_panel(os.path.join(args.output, "panel.png"), [dataset[by_key[k]] for k in panel_keys], panel_masks)
-    if len(names) > 1:
-        base = {r["sample"]: r["dice"] for r in rows if r["checkpoint"] == names[0]}
-        for name in names[1:]:
-            deltas = [r["dice"] - base[r["sample"]] for r in rows if r["checkpoint"] == name]
-            summary[name]["delta_mean_dice_vs_" + names[0]] = float(np.mean(deltas))
-            summary[name]["improved_samples"] = int(sum(d > 0 for d in deltas))
-            summary[name]["worsened_samples"] = int(sum(d < 0 for d in deltas))
-            print0(f"{name} vs {names[0]}: mean dice {np.mean(deltas):+.4f}, {summary[name]['improved_samples']} "
-                   f"samples better, {summary[name]['worsened_samples']} worse")
+    compare_to_first(summary, rows)
     if is_main():
-        with open(os.path.join(args.output, "metrics.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        write_json(os.path.join(args.output, "summary.json"), dict(data=args.data, split=args.split, model=args.model,
-                                                                   samples=len(dataset), folder_frames=total,
-                                                                   videos=len({f.video for f in frames}),
-                                                                   checkpoints=summary))
-        with open(os.path.join(args.output, "stage_table.md"), "w") as f:
-            f.write(table + "\n")
-        print0(f"wrote {args.output}/metrics.csv, summary.json, stage_table.md" + (", overlays/" if args.overlays else "")
-               + (", panel.png" if args.panel else ""))
+        write_scores(args, rows, summary, table, frames, total)
     cleanup()
     return summary
 

@@ -313,24 +313,21 @@ def validate_with_reward(model, loader, val_masks, device, args, cache, autocast
     return val
 
 
-def main(args):
-    # ---- setup
-    check_args(args, use_deepspeed(args))
-    reward_fn = build_reward(args)
-    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
-
-    model, processor, parts = cli.setup_model(args, log=logger.line)
-    fingerprint = base_fingerprint(model)
-    param_groups = [dict(params=[p for p in model.parameters() if p.requires_grad])]
+def optimizer_groups(model, args, log):
+    """The optimizer's parameter groups: what trains, and with --advantage critic a new value head, put on the
+    model as CRITIC, at its own --critic_lr without weight decay."""
+    groups = [dict(params=[p for p in model.parameters() if p.requires_grad])]
     if args.advantage == "critic":
         setattr(model, CRITIC, ValueHead(model.grounding_encoder.hidden_dim))
         critic_params = list(getattr(model, CRITIC).parameters())
-        param_groups.append(dict(params=critic_params, lr=args.critic_lr, weight_decay=0.0))
-        logger.line(f"critic: value head with {sum(p.numel() for p in critic_params):,} parameters, lr {args.critic_lr}")
-    logger.line(f"reward: {args.reward_type}, weights {reward_fn.base_weights}, recall target "
-                f"{reward_fn.recall_target}, dynamic recall {reward_fn.dynamic_recall}")
+        groups.append(dict(params=critic_params, lr=args.critic_lr, weight_decay=0.0))
+        log(f"critic: value head with {sum(p.numel() for p in critic_params):,} parameters, lr {args.critic_lr}")
+    return groups
 
-    train_frames, val_frames = splits_from_args(args)
+
+def data_loaders(args, train_frames, val_frames, processor, rank, world_size, device, log):
+    """(train sampler, train loader, val loader, val masks by key of this rank's val frames, optimizer steps of
+    the run); logs the data line."""
     train_set = VesselDataset(train_frames, args.resize_masks)
     val_set = VesselDataset(val_frames, args.resize_masks)
     sampler = ShardedSampler(len(train_set), rank, world_size, shuffle=True, seed=args.seed)
@@ -342,42 +339,82 @@ def main(args):
     batches_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch * args.ppo_epochs // args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
-    logger.line(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; rollouts of "
-                f"{args.rollout_batches} x {args.batch_size} images x {args.group_size} masks x {world_size} procs, {args.ppo_epochs} PPO "
-                f"epochs each; {total_steps} optimizer steps")
+    log(f"data: train {describe_split(train_frames)}, val {describe_split(val_frames)}; rollouts of "
+        f"{args.rollout_batches} x {args.batch_size} images x {args.group_size} masks x {world_size} procs, {args.ppo_epochs} PPO "
+        f"epochs each; {total_steps} optimizer steps")
+    return sampler, train_loader, val_loader, val_masks, total_steps
 
+
+def resume_state(engine, args, reward_fn, rng, log):
+    """The loop's state: a fresh one, or --resume's, whose rollout sampler `rng` and dynamic recall weight go on."""
+    state = load_trainer_state(engine, args.resume, dict(epoch=0, step=0, micro_in_epoch=0, best_score=-math.inf,
+                                                         best_epoch=None, history=[], bad_steps=0, running_recall=None,
+                                                         epoch_rollouts=[], rng=None), log)
+    if state["rng"] is not None:
+        reward_fn.running_recall = state["running_recall"]
+        rng.set_state(state["rng"])
+    return state
+
+
+def policy_and_reference(model, args, rank, device):
+    """(the policy's parameters, every trained parameter (the critic's too), the reference: a frozen copy of the
+    policy's, the generator of actions and minibatch order). Call before a resume point is loaded: the reference is
+    the policy at the start of the stage."""
+    policy_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(CRITIC)]
+    all_params = [p for p in model.parameters() if p.requires_grad]
+    reference = [p.detach().clone() for p in policy_params]
+    # its own generator, saved with a resume point: other consumers of the global RNG (a DataLoader draws a
+    # seed per iterator) cannot shift a resumed run's samples
+    return policy_params, all_params, reference, torch.Generator(device).manual_seed(args.seed * 1000 + rank)
+
+
+def rollout_record(summary, updates):
+    """A rollout's record: its summary plus the mean of each update statistic over its minibatches."""
+    # a minibatch whose images were all dropped (--select_by_variance) has no policy terms
+    return summary | {k: float(np.mean([u[k] for u in updates if k in u])) for k in
+                      dict.fromkeys(k for u in updates for k in u)}
+
+
+def record_epoch(state, logger, epoch, val):
+    """The epoch's history entry (its validation, the mean of the run's rollouts over all ranks), record and line."""
+    train = mean_over_ranks(state["epoch_rollouts"])  # the run's rollouts, not rank 0's
+    state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
+    logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
+    logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
+
+
+def main(args):
+    # ---- setup
+    check_args(args, use_deepspeed(args))
+    reward_fn = build_reward(args)
+    deepspeed_on, rank, world_size, device, run_dir, logger = start_run(args, STAGE)
+    model, processor, parts = cli.setup_model(args, log=logger.line)
+    fingerprint = base_fingerprint(model)
+    param_groups = optimizer_groups(model, args, logger.line)
+    logger.line(f"reward: {args.reward_type}, weights {reward_fn.base_weights}, recall target "
+                f"{reward_fn.recall_target}, dynamic recall {reward_fn.dynamic_recall}")
+    train_frames, val_frames = splits_from_args(args)
+    sampler, train_loader, val_loader, val_masks, total_steps = data_loaders(
+        args, train_frames, val_frames, processor, rank, world_size, device, logger.line)
     engine = build_engine(model, param_groups, args, total_steps, device, deepspeed_on, world_size)
     model = engine.module
     model.eval()  # dropout off for good: the rollout and the update must be the same policy
     cache = FeatureCache(device, args.feature_cache_gb)
-    policy_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(CRITIC)]
-    all_params = [p for p in model.parameters() if p.requires_grad]
-    # the reference = the policy at the start of the stage, taken before a resume point is loaded
-    reference = [p.detach().clone() for p in policy_params]
-    # its own generator for actions and minibatch order, saved with a resume point: other consumers of
-    # the global RNG (a DataLoader draws a seed per iterator) cannot shift a resumed run's samples
-    rng = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
-
+    policy_params, all_params, reference, rng = policy_and_reference(model, args, rank, device)
     save = stage_saver(args, STAGE, engine, run_dir, parts, fingerprint)  # best/ and final/
 
-    # ---- resume
-    state = load_trainer_state(engine, args.resume, dict(epoch=0, step=0, micro_in_epoch=0, best_score=-math.inf,
-                                                         best_epoch=None, history=[], bad_steps=0, running_recall=None,
-                                                         epoch_rollouts=[], rng=None), logger.line)
-    if state["rng"] is not None:  # resumed: the rollout sampler and the dynamic recall weight go on
-        reward_fn.running_recall = state["running_recall"]
-        rng.set_state(state["rng"])
+    # ---- resume, or validate the starting model (epoch 0: best/ starts as it)
+    state = resume_state(engine, args, reward_fn, rng, logger.line)
 
     def checkpoint():
         state["running_recall"], state["rng"] = reward_fn.running_recall, rng.get_state()
         save_trainer_state(engine, run_dir, state)
 
     if state["step"] == 0 and state["micro_in_epoch"] == 0 and not state["history"]:
-        state["initial_val"] = validate_with_reward(model, val_loader, val_masks, device, args, cache,
-                                                    engine.autocast, reward_fn)
-        logger.line(val_line("initial val", state["initial_val"]))
-        keep_if_best(state, state["initial_val"][f"mean_{args.best_by}"], save, state["initial_val"], "best_score",
-                     epoch=0)
+        start = state["initial_val"] = validate_with_reward(model, val_loader, val_masks, device, args, cache,
+                                                            engine.autocast, reward_fn)
+        logger.line(val_line("initial val", start))
+        keep_if_best(state, start[f"mean_{args.best_by}"], save, start, "best_score", epoch=0)
 
     # ---- training loop: rollout (no grad) -> PPO epochs over its minibatches (grad)
     t_start = time.time()
@@ -403,9 +440,7 @@ def main(args):
                         steps_in_window += 1
                     updates.append(stats)
             state["micro_in_epoch"] += len(rollout)
-            # a minibatch whose images were all dropped (--select_by_variance) has no policy terms
-            record = summary | {k: float(np.mean([u[k] for u in updates if k in u])) for k in
-                                dict.fromkeys(k for u in updates for k in u)}
+            record = rollout_record(summary, updates)
             window.append(record)
             state["epoch_rollouts"].append(record)
             if state["step"] - last_logged >= args.log_every:
@@ -418,10 +453,7 @@ def main(args):
 
         # ---- end of epoch: validation, best/, resume point
         val = validate_with_reward(model, val_loader, val_masks, device, args, cache, engine.autocast, reward_fn)
-        train = mean_over_ranks(state["epoch_rollouts"])  # the run's rollouts, not rank 0's
-        state["history"].append(dict(epoch=epoch + 1, step=state["step"], **val, train=train))
-        logger.record(state["step"], {f"val/{k.removeprefix('mean_')}": v for k, v in val.items()})
-        logger.line(val_line(f"epoch {epoch + 1} val", val) + f" | train reward {train.get('reward', math.nan):.4f}")
+        record_epoch(state, logger, epoch, val)
         keep_if_best(state, val[f"mean_{args.best_by}"], save, val, "best_score", epoch=epoch + 1)
         state["epoch"], state["micro_in_epoch"], state["epoch_rollouts"] = epoch + 1, 0, []
         checkpoint()
