@@ -90,7 +90,7 @@ fi
 # argument lists are bash arrays: every path keeps its spaces (${A[@]+"${A[@]}"}: an empty array
 # under set -u on bash < 4.4)
 if [ "$TINY" = 1 ]; then
-  # a 1.9M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run"); on a
+  # a 2.4M-parameter stand-in learns in more, larger steps than a 4B model (README, "Quick run"); on a
   # small real folder it needs more passes, its encoder trained and flipped / rotated frames (README,
   # "Real images": 100 epochs of 16 DRIVE frames)
   if [ "$PRESET" = real ]; then

@@ -44,7 +44,7 @@ from common.sa2va import Sa2VAProcessor, describe
 from common.synth import BASE_SIZE, _background, _contrast_curve, _deform, _motion, _render, _vessel_tree
 from common.tiny import WEIGHTS_DIR, TinySa2VAChatModel, TinySa2VAConfig, build_tokenizer
 
-RECIPE_VERSION = 2  # 2: wider, residual encoder with top-down fusion to stride 4; SAM2 width 128
+RECIPE_VERSION = 3  # 2: wider, residual encoder with top-down fusion to stride 4; SAM2 width 128; 3: dilated blocks at strides 4 (3), 8 and 16 (2)
 SAM_SIZE = 1024  # as the released SAM2: 256 x 256 low-res logits (FACTS: a 64 x 64 grid caps DRIVE at 0.60)
 
 

@@ -37,18 +37,33 @@ def test_frame_record_of_an_all_background_prediction_is_an_empty_mask_and_warns
     assert collapse_warning(degenerate_masks([record(10, 10)])) == ""
 
 
-def test_a_destroying_learning_rate_leaves_best_at_the_start_and_reports_the_collapse(synth_data, tmp_path):
-    """lr 30 wrecks the heads within a step: every epoch validates below the start, so best/ must be
-    the starting model (epoch 0) and its Dice the initial one; the collapse is in training_info."""
+def test_a_collapsed_model_leaves_best_at_the_start_and_reports_the_collapse(synth_data, tmp_path, monkeypatch):
+    """Every optimizer step of this run ends by zeroing the mask heads' last layers, so every mask logit
+    is exactly 0 and every mask empty (sigmoid 0.5 is not above the 0.5 threshold), whatever the
+    shipped weights: epoch 1 validates below the start, best/ must be the starting model (epoch 0)
+    with its Dice, and the collapse must be in training_info.json and in the log."""
     import train_sft
-    args = train_sft.parse_args(["--data", synth_data, "--output", str(tmp_path), "--epochs", "1", "--lr", "30",
-                                 "--warmup_ratio", "0", "--batch_size", "4", "--num_workers", "0", "--lora_preset",
+    real_step = train_sft.engine_step
+
+    def step_then_collapse(engine):
+        stepped = real_step(engine)
+        with torch.no_grad():
+            heads = [m for n, m in engine.module.named_modules() if n.endswith("output_hypernetworks_mlps")]
+            assert heads
+            for mlp in heads[0]:
+                mlp[-1].weight.zero_()
+                mlp[-1].bias.zero_()
+        return stepped
+
+    monkeypatch.setattr(train_sft, "engine_step", step_then_collapse)
+    args = train_sft.parse_args(["--data", synth_data, "--output", str(tmp_path), "--epochs", "1",
+                                 "--batch_size", "4", "--num_workers", "0", "--lora_preset",
                                  "small", "--max_train_samples", "16", "--max_val_samples", "8", "--log_every", "100"])
     run_dir = train_sft.main(args)
     with open(os.path.join(run_dir, "training_info.json")) as f:
         info = json.load(f)
     start, last = info["initial_val"]["mean_dice"], info["history"][-1]
-    assert last["mean_dice"] < start
+    assert last["mean_dice"] == 0.0 < start
     assert info["best_epoch"] == 0 and info["best_val_dice"] == start
     assert info["collapsed_epochs"] == [1] and last["collapsed"]
     with open(os.path.join(run_dir, "best", "stage.json")) as f:

@@ -290,9 +290,11 @@ def test_critic_advantages_and_value_head_fit(policy):
 
 # ---------------------------------------------------------------- a short run learns
 
-def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
-    args = train_ppo.parse_args(["--data", synth_data, "--init", os.path.join(sft_run, "best"),
-                                 "--output", str(tmp_path)] + QUICK_PPO)
+def test_ppo_run_raises_val_reward_and_recall(synth_data, tmp_path):
+    """PPO from the embedded model as shipped (zero-shot on these frames: val reward ~0.58) must raise
+    what it optimises on the held-out frames, with recall and Dice. From an SFT checkpoint the model
+    starts near its ceiling here and PPO's change is within noise (README, "Quick run")."""
+    args = train_ppo.parse_args(["--data", synth_data, "--output", str(tmp_path)] + QUICK_PPO)
     run = train_ppo.main(args)
     with open(os.path.join(run, "training_info.json")) as f:
         info = json.load(f)
@@ -301,26 +303,33 @@ def test_ppo_run_raises_val_reward_and_recall(sft_run, synth_data, tmp_path):
         print(f"val {name}: " + " -> ".join(f"{v[f'mean_{name}']:.4f}" for v in curve))
     print("train reward (sampled masks): " + " -> ".join(f"{h['train']['reward']:.4f}" for h in info["history"]))
     start, end = info["initial_val"], info["history"][-1]
-    # the pretrained tiny model starts near its ceiling on these frames (reward ~0.77): PPO must still raise
-    # what it optimises (measured 0.7652 -> 0.7710 at lr 2e-4; 5e-4 overshoots to 0.7542), without losing Dice
-    assert end["mean_reward"] > start["mean_reward"]
+    # measured 0.578 -> 0.690 reward, 0.782 -> 0.834 recall, 0.545 -> 0.684 Dice (lr 2e-4; 5e-4: 0.691)
+    assert end["mean_reward"] > start["mean_reward"] + 0.05
     assert end["mean_recall"] > start["mean_recall"]
-    assert end["mean_dice"] > start["mean_dice"] - 0.02  # no collapse
+    assert end["mean_dice"] > start["mean_dice"]
     for h in info["history"]:
         assert {"kl", "clip_fraction", "entropy", "reward", "dice", "recall", "precision"} <= set(h["train"])
     for name in ("best", "final"):
         assert os.path.isfile(os.path.join(run, name, "stage.json"))
-    # the frozen SFT LoRA is written back unchanged
-    from safetensors.torch import load_file
-    sft_adapter = load_file(os.path.join(sft_run, "best", "adapter_model.safetensors"))
-    ppo_adapter = load_file(os.path.join(run, "final", "adapter_model.safetensors"))
-    assert sft_adapter.keys() == ppo_adapter.keys()
-    assert all(torch.equal(sft_adapter[k], ppo_adapter[k]) for k in sft_adapter)
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     keys = set().union(*records)
     assert {"val/reward", "val/dice", "val/recall", "val/precision", "val/cldice"} <= keys
     assert all(0 <= v["mean_cldice"] <= 1 for v in curve)
     assert all(0 <= h["train"]["zero_variance"] <= 1 and "cldice" in h["train"] for h in info["history"])
+
+
+def test_ppo_from_an_sft_checkpoint_writes_its_frozen_lora_back_unchanged(sft_run, synth_data, tmp_path):
+    from safetensors.torch import load_file
+    args = train_ppo.parse_args(["--data", synth_data, "--init", os.path.join(sft_run, "best"), "--output",
+                                 str(tmp_path), "--epochs", "1", "--max_train_samples", "8", "--max_val_samples", "4",
+                                 "--batch_size", "4", "--rollout_batches", "1", "--ppo_epochs", "1", "--group_size", "4",
+                                 "--num_workers", "0", "--log_every", "1000"])
+    run = train_ppo.main(args)
+    sft_adapter = load_file(os.path.join(sft_run, "best", "adapter_model.safetensors"))
+    for name in ("best", "final"):
+        ppo_adapter = load_file(os.path.join(run, name, "adapter_model.safetensors"))
+        assert sft_adapter.keys() == ppo_adapter.keys()
+        assert all(torch.equal(sft_adapter[k], ppo_adapter[k]) for k in sft_adapter)
 
 
 def test_ppo_run_with_the_grpo_recipe_flags(synth_data, tmp_path):
