@@ -136,7 +136,7 @@ def prediction_candidates(args, frames, rank, world_size):
         height, width = frame_mask(f).shape
         for name, files in folders:
             if f.key in files:
-                mask = read_mask(files[f.key], warn=False)
+                mask = read_mask(files[f.key])
                 if mask.shape != (height, width):
                     raise DataError(f"{files[f.key]}: prediction is {mask.shape[1]}x{mask.shape[0]} but the ground "
                                     f"truth of {f.key} is {width}x{height}")

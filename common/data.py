@@ -286,13 +286,13 @@ def read_mask_array(path):
     return array
 
 
-def read_mask(path, warn=False, rule=AUTO):
-    """Bool (H, W) vessel mask under the mask rule (module docstring). `warn` is kept for old
-    callers: decisions are summarised per folder by scan_folder, not per file."""
+def read_mask(path, rule=AUTO):
+    """Bool (H, W) vessel mask under the mask rule (module docstring; scan_folder summarises a
+    folder's decisions)."""
     return apply_mask_rule(read_mask_array(path), rule, path)[0]
 
 
-def frame_mask(frame, warn=False):
+def frame_mask(frame):
     """Bool (H, W) target of a frame of either layout (use this, not read_mask(frame.mask_path))."""
     if frame.bits is not None:
         height, width = frame.shape

@@ -80,7 +80,7 @@ def check_entry(entry, index, path, root, min_iou_gap=None):
         raise _entry_error(path, index, str(e)) from None
     for k in ("chosen_mask", "rejected_mask"):
         try:
-            shape = read_mask(out[k + "_path"], warn=False).shape
+            shape = read_mask(out[k + "_path"]).shape
         except DataError as e:
             raise _entry_error(path, index, str(e)) from None
         if shape != (height, width):
@@ -133,8 +133,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         e = self.entries[index]
-        return dict(image=read_image(e["image_path"]), chosen_mask=np.asarray(read_mask(e["chosen_mask_path"], warn=False)),
-                    rejected_mask=np.asarray(read_mask(e["rejected_mask_path"], warn=False)), key=e["key"],
+        return dict(image=read_image(e["image_path"]), chosen_mask=np.asarray(read_mask(e["chosen_mask_path"])),
+                    rejected_mask=np.asarray(read_mask(e["rejected_mask_path"])), key=e["key"],
                     prompt=e["prompt"], index=index)
 
 
@@ -145,7 +145,7 @@ def disputed_share(entries, limit=64):
     (logp_l - ref_l) the agreeing pixels cancel, so with the per-pixel MEAN of MISSION.md, h is
     the per-disputed-pixel log-ratio times this share. beta scales h: the loss saturates
     (beta * h ~ 3) once the policy has moved ~3 / (beta * share) nats per disputed pixel."""
-    shares = [float((np.asarray(read_mask(e["chosen_mask_path"], warn=False))
-                     != np.asarray(read_mask(e["rejected_mask_path"], warn=False))).mean()) for e in entries[:limit]]
+    shares = [float((np.asarray(read_mask(e["chosen_mask_path"]))
+                     != np.asarray(read_mask(e["rejected_mask_path"]))).mean()) for e in entries[:limit]]
     return float(np.median(shares)) if shares else 0.0
 

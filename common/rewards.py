@@ -117,21 +117,6 @@ def dice(pred, gt):
     return overlap_metrics(pred, gt)["dice"]
 
 
-def iou(pred, gt):
-    """IoU = |P∩G| / |P∪G| per sample, shape (B,); both empty -> 1."""
-    return overlap_metrics(pred, gt)["iou"]
-
-
-def precision(pred, gt):
-    """Precision = |P∩G| / |P| per sample, shape (B,); P empty: 1 if G empty else 0."""
-    return overlap_metrics(pred, gt)["precision"]
-
-
-def recall(pred, gt):
-    """Recall = |P∩G| / |G| per sample, shape (B,); G empty: 1 if P empty else 0."""
-    return overlap_metrics(pred, gt)["recall"]
-
-
 # ---------------------------------------------------------------------------
 # Skeleton metrics (numpy, one 2-D pair at a time)
 # ---------------------------------------------------------------------------
@@ -196,55 +181,6 @@ def cldice(pred, gt):
     return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["cldice"]
 
 
-def connectivity(pred, gt):
-    """Connected-component agreement of one pair of 2-D masks, in [0, 1].
-
-        connectivity = min(Cp, Cg) / max(Cp, Cg) * Tsens
-    Cp, Cg = number of 8-connected components of P and G (scipy.ndimage.label);
-    Tsens = |S(G) ∩ P| / |S(G)|, the share of the GT centreline the prediction covers.
-    The component ratio alone would reward one blob in the wrong place; the coverage
-    factor ties it to the GT vessels. Breaking a vessel adds a component and
-    removes centreline, so when Cp >= Cg every extra break lowers the score; spurious
-    islands lower it too. Both empty -> 1, exactly one empty -> 0.
-    """
-    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["connectivity"]
-
-
-def topology(pred, gt):
-    """Topology score of one pair of 2-D masks: (clDice + connectivity) / 2, in [0, 1]."""
-    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["topology"]
-
-
-def betti0_error(pred, gt):
-    """Betti-0 error of one pair of 2-D masks: |b0(P) - b0(G)|, an int.
-
-    b0 = the number of 8-connected components (pieces) of a mask. A vessel broken in
-    two, or one spurious island, adds 1. It counts pieces, not where they are:
-    ``connectivity`` and clDice tie the pieces to the GT vessels. Both empty -> 0.
-    """
-    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["betti0_error"]
-
-
-def skeleton_length(mask):
-    """Vessel length of a 2-D mask as the number of skeleton pixels (int).
-
-    Plain pixel count, not sqrt(2)-weighted diagonal steps: it is only compared
-    between a prediction and GT of the same vessels, whose orientations match, so
-    the diagonal bias cancels in the ratio.
-    """
-    return int(_skeleton(_mask2d(mask)).sum())
-
-
-def length_agreement(pred, gt):
-    """Skeleton-length agreement of one 2-D pair, in [0, 1].
-
-        length = 1 - |Lp - Lg| / max(Lp, Lg) = min(Lp, Lg) / max(Lp, Lg)
-    L = skeleton_length. Both 0 -> 1, exactly one 0 -> 0. It says nothing about
-    where the length is; Dice and clDice cover that.
-    """
-    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=False, length=True)["length"]
-
-
 def _batch_numpy(x):
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if x.ndim == 2:
@@ -259,8 +195,17 @@ def skeleton_metrics(pred, gt, topology=True, length=True):
 
     pred, gt: (B, H, W) or (H, W) bool / {0, 1}, numpy or torch (any device).
     Keys: "cldice", "connectivity", "topology", "betti0_error" if topology, "length"
-    if length (see the per-pair functions for formulas). Loops over the B samples
-    because skeletonisation is per image; each mask is skeletonised once.
+    if length. Loops over the B samples because skeletonisation is per image; each mask
+    is skeletonised once (S = skimage skeleton, C = 8-connected components):
+        connectivity = min(Cp, Cg) / max(Cp, Cg) * Tsens, Tsens = |S(G) ∩ P| / |S(G)|:
+                       the component ratio alone would reward one blob in the wrong place;
+                       the coverage factor ties it to the GT vessels, so a break or a
+                       spurious island lowers it;
+        topology     = (clDice + connectivity) / 2;
+        betti0_error = |Cp - Cg| (pieces, not where they are);
+        length       = min(Lp, Lg) / max(Lp, Lg), L = skeleton pixels (plain count: the
+                       prediction and GT of the same vessels share their diagonal bias).
+    Both empty -> 1 (betti0_error 0), exactly one empty -> 0.
     """
     p, g = _batch_numpy(pred), _batch_numpy(gt)
     if p.shape != g.shape:

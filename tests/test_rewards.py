@@ -15,6 +15,11 @@ def _block(shape, rows, cols):
     return m
 
 
+def _pair(key, pred, gt):
+    """One skeleton metric of one 2-D pair, through the batched `skeleton_metrics`."""
+    return float(R.skeleton_metrics(pred, gt)[key][0])
+
+
 def _vessel(gaps=()):
     """A 3-pixel-thick horizontal vessel, 30 long, in a 16x40 frame; `gaps` = column slices cut out."""
     m = _block((16, 40), slice(6, 9), slice(5, 35))
@@ -39,9 +44,10 @@ def test_overlap_counts_hand_case():
 def test_metrics_hand_case():
     p, g = torch.from_numpy(PRED44), torch.from_numpy(GT44)
     assert R.dice(p, g).tolist() == pytest.approx([8 / 16])
-    assert R.iou(p, g).tolist() == pytest.approx([4 / 12])
-    assert R.precision(p, g).tolist() == pytest.approx([4 / 8])
-    assert R.recall(p, g).tolist() == pytest.approx([4 / 8])
+    m = R.overlap_metrics(p, g)
+    assert m["iou"].tolist() == pytest.approx([4 / 12])
+    assert m["precision"].tolist() == pytest.approx([4 / 8])
+    assert m["recall"].tolist() == pytest.approx([4 / 8])
 
 
 def test_asymmetric_hand_case():
@@ -74,8 +80,7 @@ def test_zero_denominator_conventions():
 def test_batched_shapes_and_int_inputs():
     pred = torch.randint(0, 2, (5, 8, 8))
     gt = torch.randint(0, 2, (5, 8, 8))
-    for f in (R.dice, R.iou, R.precision, R.recall):
-        out = f(pred, gt)
+    for out in R.overlap_metrics(pred, gt).values():
         assert out.shape == (5,) and out.dtype == torch.float32
     assert R.dice(pred[0], gt[0]).shape == (1,)
     assert R.dice(pred, gt)[2] == R.dice(pred[2], gt[2])[0]
@@ -122,23 +127,23 @@ def test_broken_vessel_scores_lower_topology_but_keeps_dice():
     two_breaks = _vessel([slice(12, 14), slice(25, 27)])
     d = R.dice(torch.from_numpy(one_break), torch.from_numpy(intact)).item()
     assert d > 0.9
-    assert R.connectivity(intact, intact) == 1.0 and R.topology(intact, intact) == 1.0
-    assert R.connectivity(two_breaks, intact) < R.connectivity(one_break, intact) < 1.0
-    assert R.topology(two_breaks, intact) < R.topology(one_break, intact) < 1.0
+    assert _pair("connectivity", intact, intact) == 1.0 and _pair("topology", intact, intact) == 1.0
+    assert _pair("connectivity", two_breaks, intact) < _pair("connectivity", one_break, intact) < 1.0
+    assert _pair("topology", two_breaks, intact) < _pair("topology", one_break, intact) < 1.0
     # Components: 2 vs 1 -> ratio 1/2, times the GT centreline share still covered.
-    assert R.connectivity(one_break, intact) < 0.5
+    assert _pair("connectivity", one_break, intact) < 0.5
 
 
 def test_betti0_error_counts_pieces():
     intact = _vessel()
-    assert R.betti0_error(intact, intact) == 0
-    assert R.betti0_error(_vessel([slice(19, 21)]), intact) == 1
-    assert R.betti0_error(_vessel([slice(12, 14), slice(25, 27)]), intact) == 2
+    assert _pair("betti0_error", intact, intact) == 0
+    assert _pair("betti0_error", _vessel([slice(19, 21)]), intact) == 1
+    assert _pair("betti0_error", _vessel([slice(12, 14), slice(25, 27)]), intact) == 2
     island = intact.copy()
     island[1:3, 1:3] = True  # a spurious blob away from the vessel
-    assert R.betti0_error(island, intact) == 1 and R.betti0_error(intact, island) == 1
+    assert _pair("betti0_error", island, intact) == 1 and _pair("betti0_error", intact, island) == 1
     empty = np.zeros_like(intact)
-    assert R.betti0_error(empty, empty) == 0 and R.betti0_error(empty, intact) == 1
+    assert _pair("betti0_error", empty, empty) == 0 and _pair("betti0_error", empty, intact) == 1
 
 
 def test_topology_ranking_prefers_fewer_pieces_at_equal_iou():
@@ -173,15 +178,14 @@ def test_mean_pairwise_disagreement_hand_case():
         R.mean_pairwise_disagreement(a[None])
 
 
-def test_skeleton_length_and_agreement():
+def test_skeleton_length_agreement():
     g = _block((5, 30), 2, slice(2, 22))   # 20-px line
     p = _block((5, 30), 2, slice(2, 12))   # 10-px line
-    assert R.skeleton_length(g) == 20 and R.skeleton_length(p) == 10
-    assert R.length_agreement(p, g) == pytest.approx(1 - 10 / 20)
-    assert R.length_agreement(g, p) == pytest.approx(0.5)
+    assert _pair("length", p, g) == pytest.approx(1 - 10 / 20)  # skeleton lengths 10 and 20 px
+    assert _pair("length", g, p) == pytest.approx(0.5)
     empty = np.zeros_like(g)
-    assert R.length_agreement(empty, empty) == 1.0
-    assert R.length_agreement(empty, g) == 0.0
+    assert _pair("length", empty, empty) == 1.0
+    assert _pair("length", empty, g) == 0.0
 
 
 def test_skeleton_metrics_batched():
@@ -193,7 +197,7 @@ def test_skeleton_metrics_batched():
     for k, arr in s.items():
         assert isinstance(arr, np.ndarray) and arr.shape == (3,)
         assert not np.isnan(arr).any()
-    assert s["topology"][1] == pytest.approx(R.topology(pred[1], gt[1]))
+    assert s["topology"][1] == pytest.approx(_pair("topology", pred[1], gt[1]))
     assert s["cldice"][[0, 2]].tolist() == [1.0, 1.0]
     assert set(R.skeleton_metrics(v, v, topology=False)) == {"length"}
 
