@@ -67,6 +67,7 @@ folder is checked when the dataset is built (every image and mask decoded once),
 frame stops a run before the first step, not in the middle of epoch 3.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -186,17 +187,25 @@ def list_images(folder):
     return files
 
 
+@contextlib.contextmanager
+def open_image(path, what="image"):
+    """`with open_image(path) as im:` a PIL image; a failure to open or read it (PIL raises many
+    types for bad files) becomes a DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except Exception as e:
+        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+
+
 def read_image(path):
     """RGB PIL image, fully decoded; DataError on a missing or corrupt file. Frames of more than
     8 bits (16-bit PNG, 32-bit or float TIFF) are scaled to 8 bits by `to_8bit`, never clipped."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in WIDE_MODES:
-                return Image.fromarray(to_8bit(np.asarray(im)), "L").convert("RGB")
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for bad files
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    with open_image(path) as im:
+        im.load()
+        if im.mode in WIDE_MODES:
+            return Image.fromarray(to_8bit(np.asarray(im)), "L").convert("RGB")
+        return im.convert("RGB")
 
 
 # Pillow's single-channel modes wider than 8 bits; its own convert("RGB") clips them at 255, which
@@ -273,14 +282,9 @@ def apply_mask_rule(array, rule=AUTO, path="mask"):
 
 def read_mask_array(path):
     """The mask file's values as a 2-D array (RGB read as grey, palette as indices); DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGB", "RGBA", "LA"):
-                im = im.convert("L")
-            array = np.asarray(im)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
+    with open_image(path, "mask") as im:
+        im.load()
+        array = np.asarray(im.convert("L") if im.mode in ("RGB", "RGBA", "LA") else im)
     if array.ndim != 2:
         raise DataError(f"{path}: mask must be single-channel, got shape {array.shape}")
     return array
@@ -301,11 +305,8 @@ def frame_mask(frame):
 
 
 def image_size(path):
-    try:
-        with Image.open(path) as im:
-            return im.size[::-1]
-    except Exception as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    with open_image(path) as im:
+        return im.size[::-1]
 
 
 def detect_format(root, data_format="auto"):
@@ -327,11 +328,11 @@ def detect_format(root, data_format="auto"):
     return "masks" if has_masks else "annotations"
 
 
-def scan_folder(root, video_regex=VIDEO_REGEX, check=True, resize_masks=False, data_format="auto",
-                allow_empty_annotations=False, mask_rule=None):
-    """All labelled frames of a data folder (either layout), sorted by (video, frame); checked when
-    `check` (every file decoded, `vessel_pixels` set, the mask rule's decisions summarised).
-    video_regex None = still images (every image its own video)."""
+def scan_folder(root, video_regex=VIDEO_REGEX, resize_masks=False, data_format="auto", allow_empty_annotations=False,
+                mask_rule=None):
+    """All labelled frames of a data folder (either layout), sorted by (video, frame), checked (every
+    file decoded, `vessel_pixels` set, the mask rule's decisions summarised). video_regex None =
+    still images (every image its own video)."""
     check_video_regex(video_regex)
     layout = detect_format(root, data_format)
     images = list_images(os.path.join(root, "images"))
@@ -342,13 +343,12 @@ def scan_folder(root, video_regex=VIDEO_REGEX, check=True, resize_masks=False, d
     else:
         frames = _annotation_frames(root, images, video_regex, allow_empty_annotations)
     frames.sort(key=lambda f: (f.video, f.frame, f.key))
-    if check:
-        decisions = {}
-        for f in tqdm(frames, desc=f"checking {root}", leave=False, disable=len(frames) < 200):
-            decisions.setdefault(check_frame(f, resize_masks), []).append(f)
-        summary = mask_summary(decisions, mask_rule or AUTO)
-        if summary:
-            warnings.warn(f"{os.path.join(root, 'masks')}: {summary}")
+    decisions = {}
+    for f in tqdm(frames, desc=f"checking {root}", leave=False, disable=len(frames) < 200):
+        decisions.setdefault(check_frame(f, resize_masks), []).append(f)
+    summary = mask_summary(decisions, mask_rule or AUTO)
+    if summary:
+        warnings.warn(f"{os.path.join(root, 'masks')}: {summary}")
     return frames
 
 
@@ -412,15 +412,20 @@ def rasterise(polygons, height, width):
     return mask
 
 
-def read_annotations(path):
-    """The entries of an annotations.json: a JSON list, or DataError."""
+def read_json(path, what="file"):
+    """The content of a JSON file, or DataError naming it (`what` not found, or not valid JSON)."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {what} not found")
     try:
         with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_annotations(path):
+    """The entries of an annotations.json: a JSON list, or DataError."""
+    entries = read_json(path)
     if not isinstance(entries, list):
         raise DataError(f"{path}: must be a JSON list of entries [{{\"image\": ..., \"mask\": ..., \"text\": ...}}, "
                         f"...] (Sa2VA's format), got a JSON {type(entries).__name__}")
@@ -628,11 +633,7 @@ def load_splits(root, frames, val_fraction=0.2, seed=0):
         if not splits["val"] and frames:
             raise one_video_error(root, frames)
         return splits
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    spec = read_json(path)
     if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
         raise DataError(f"{path}: must be an object of lists of stems, like {{\"train\": [...], \"val\": [...]}}")
     by_key = {f.key: f for f in frames}
@@ -690,11 +691,8 @@ class VesselDataset(torch.utils.data.Dataset):
     text_prompt: None, or a template with {text} (TEXT_PROMPT): a frame with an annotation text
     then gets sample["prompt"] = text_prompt.format(text=frame.text), used instead of --prompt."""
 
-    def __init__(self, frames, resize_masks=False, transform=None, text_prompt=None):
-        self.frames = list(frames)
-        self.resize_masks = resize_masks
-        self.transform = transform
-        self.text_prompt = text_prompt
+    def __init__(self, frames, resize_masks=False, text_prompt=None):
+        self.frames, self.resize_masks, self.text_prompt = list(frames), resize_masks, text_prompt
 
     def __len__(self):
         return len(self.frames)
@@ -711,7 +709,7 @@ class VesselDataset(torch.utils.data.Dataset):
         sample = dict(image=image, mask=mask, key=f.key, video=f.video, frame=f.frame, index=index)
         if self.text_prompt and f.text:
             sample["prompt"] = self.text_prompt.format(text=f.text)
-        return self.transform(sample) if self.transform else sample
+        return sample
 
 
 VIEWS = 8  # the dihedral views of a frame: 4 quarter turns, each with or without a left-right flip

@@ -75,6 +75,7 @@ import os
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,8 +86,8 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from tqdm import tqdm
 
 from common import cli
-from common.data import (IMAGE_EXTENSIONS, VIDEO_REGEX, WIDE_MODES, DataError, file_names, parse_video, read_image,
-                         to_8bit)
+from common.data import (IMAGE_EXTENSIONS, VIDEO_REGEX, WIDE_MODES, DataError, file_names, open_image, parse_video,
+                         read_image, to_8bit)
 from common.files import RunError, atomic_folder, write_json
 
 MOVIE_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpg", ".mpeg")
@@ -161,31 +162,21 @@ def find_runs(root, skip=()):
         raise DataError(f"{root}: no cine runs (DICOM, {', '.join(MOVIE_EXTENSIONS[:2])}, GIF or TIFF stacks, folders "
                         f"of frames, or frames named <video>_<frame>{IMAGE_EXTENSIONS[0]})")
     # two runs of one name (run.gif and run.dcm) keep both: the second gets its format in its name
-    counts = {}
-    for name, _, _ in found:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for name, _, _ in found)
     keys = [name if counts[name] == 1 else f"{name}-{kind}" for name, kind, _ in found]
     names = file_names(keys)
     return [(names[key], kind, where) for key, (_, kind, where) in zip(keys, found)]
 
 
 def page_count(path):
-    try:
-        with Image.open(path) as im:
-            return getattr(im, "n_frames", 1)
-    except Exception as e:  # PIL raises many types for bad files
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    with open_image(path) as im:
+        return getattr(im, "n_frames", 1)
 
 
 def read_run(name, kind, where):
     """The Run of one entry of find_runs; DataError naming the file when it cannot be read."""
-    if kind == "dicom":
-        return read_dicom(name, where)
-    if kind == "movie":
-        return read_movie(name, where)
-    if kind == "stack":
-        return read_stack(name, where)
-    return read_frame_files(name, where)
+    read = dict(dicom=read_dicom, movie=read_movie, stack=read_stack, folder=read_frame_files, frames=read_frame_files)
+    return read[kind](name, where)
 
 
 def grey(array):
@@ -209,15 +200,12 @@ def run_to_8bit(frames, path):
 
 def read_stack(name, path):
     """Animated GIF or multi-page TIFF. GIF durations (ms) give the frame times."""
-    try:
-        with Image.open(path) as im:
-            pages, durations = [], []
-            for page in ImageSequence.Iterator(im):
-                page.load()
-                pages.append(np.asarray(page) if page.mode in WIDE_MODES else np.asarray(page.convert("L")))
-                durations.append(page.info.get("duration"))
-    except Exception as e:  # PIL raises many types for bad files
-        raise DataError(f"{path}: cannot read image stack ({type(e).__name__}: {e})") from None
+    with open_image(path, "image stack") as im:
+        pages, durations = [], []
+        for page in ImageSequence.Iterator(im):
+            page.load()
+            pages.append(np.asarray(page) if page.mode in WIDE_MODES else np.asarray(page.convert("L")))
+            durations.append(page.info.get("duration"))
     if len({p.shape for p in pages}) > 1:
         raise DataError(f"{path}: pages of different sizes ({pages[0].shape} and others); not one run")
     frames, info = run_to_8bit(np.stack(pages), path)
@@ -231,12 +219,9 @@ def read_frame_files(name, paths):
     """A folder of frames, or loose frames of one video: one file per frame, in order."""
     arrays = []
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                arrays.append(np.asarray(im) if im.mode in WIDE_MODES else np.asarray(im.convert("L")))
-        except Exception as e:  # PIL raises many types for bad files
-            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        with open_image(path) as im:
+            im.load()
+            arrays.append(np.asarray(im) if im.mode in WIDE_MODES else np.asarray(im.convert("L")))
     if len({a.shape for a in arrays}) > 1:
         other = next(p for p, a in zip(paths, arrays) if a.shape != arrays[0].shape)
         raise DataError(f"{other}: {arrays[0].shape[::-1]} expected (the size of {paths[0]}), frames of one run "

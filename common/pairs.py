@@ -12,14 +12,13 @@ writes it, `train_dpo.py` reads it; `load_pairs` checks every entry before a run
 (keys, files, sizes, IoU bookkeeping), and every problem is a `DataError` naming the entry
 index and the file.
 """
-import json
 import math
 import os
 
 import numpy as np
 import torch
 
-from common.data import VIDEO_REGEX, DataError, image_size, parse_video, read_image, read_mask
+from common.data import VIDEO_REGEX, DataError, image_size, parse_video, read_image, read_json, read_mask
 
 PAIRS_FILE = "dpo_annotations.json"
 PAIR_KEYS = ("image", "chosen_mask", "rejected_mask", "chosen_iou", "rejected_iou", "iou_gap", "prompt")
@@ -98,13 +97,7 @@ def load_pairs(path, min_iou_gap=None, video_regex=VIDEO_REGEX):
     score_gap when they have one)."""
     if os.path.isdir(path):
         path = os.path.join(path, PAIRS_FILE)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: pairs file not found")
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    entries = read_json(path, "pairs file")
     if not isinstance(entries, list):
         raise DataError(f"{path}: must be a JSON list of pair objects, got {type(entries).__name__}")
     if not entries:
