@@ -60,11 +60,6 @@ DARK_BACKGROUND = 0.1  # of the frame's 99th-percentile brightness: darker pixel
 FRANGI_FIT_FRAMES = 16  # training frames the search looks at (evenly spaced): Frangi costs ~0.2 s/sigma/MP
 
 
-def green(image):
-    """Float (H, W) in [0, 1]: the green channel of an RGB PIL image (the grey value of a grey one)."""
-    return np.asarray(image.convert("RGB"), dtype=np.float32)[..., 1] / 255.0
-
-
 def dark_background(image, sigmas):
     """Bool (H, W): background darker than DARK_BACKGROUND x the 99th percentile, grown by 2 x max sigma."""
     from scipy import ndimage
@@ -74,9 +69,10 @@ def dark_background(image, sigmas):
 
 
 def vesselness(image, sigmas, dark_vessels=True):
-    """scikit-image's Frangi vesselness (H, W) of the green channel."""
+    """scikit-image's Frangi vesselness (H, W) of the green channel (the grey value of a grey frame)."""
     from skimage.filters import frangi
-    return frangi(green(image), sigmas=sigmas, black_ridges=dark_vessels).astype(np.float32)
+    green = np.asarray(image.convert("RGB"), dtype=np.float32)[..., 1] / 255.0
+    return frangi(green, sigmas=sigmas, black_ridges=dark_vessels).astype(np.float32)
 
 
 def frangi_probabilities(image, params, threshold=0.5):
@@ -164,10 +160,6 @@ class UNet(nn.Module):
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([skips.pop(), up(x)], dim=1))
         return self.head(x)
-
-
-def parameter_count(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def normalise(image):
@@ -352,7 +344,7 @@ def train_unet(args):
     sampler = CropSampler(train_frames, args.crop, args.batch_size, args.seed, args.flips, args.rot90, device)
     val_pairs = load_frames(val_frames, device)
     model = UNet(args.width)
-    n_params = parameter_count(model)
+    n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, list(model.parameters()), args, args.steps, device, False, 1)
     eval_every = args.eval_every or max(1, args.steps // 10)
     logger.line(f"run folder: {run_dir}\nU-Net ({args.preset}): width {args.width}, {n_params:,} parameters; "

@@ -25,13 +25,10 @@ from common.lora import save_stage
 
 # ---------------------------------------------------------------- processes
 
-def launched_by_deepspeed():
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def use_deepspeed(args):
-    """--engine: deepspeed, torch, or auto = DeepSpeed when launched by `deepspeed`."""
-    return args.engine == "deepspeed" or (args.engine == "auto" and launched_by_deepspeed())
+    """--engine: deepspeed, torch, or auto = DeepSpeed when launched by `deepspeed` (which sets LOCAL_RANK, WORLD_SIZE)."""
+    launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return args.engine == "deepspeed" or (args.engine == "auto" and launched)
 
 
 def init_distributed(use_deepspeed):
@@ -45,11 +42,10 @@ def init_distributed(use_deepspeed):
     else:
         device = torch.device("cpu")
     if use_deepspeed:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(29500 + os.getpid() % 1000))  # a plain `python` start: one process
+        for k, v in single.items():
+            os.environ.setdefault(k, v)
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     elif world_size > 1 and not dist.is_initialized():
@@ -452,10 +448,6 @@ class RunLogger:
                 self.writer.close()
 
 
-def gpu_memory_gib():
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
-
-
 def finite_or_zero(loss, params, state, max_bad_steps, log):
     """`loss` when finite. Otherwise a zero over the same parameters, so every rank still runs
     the same backward/step count; counts `state["bad_steps"]` and stops past `max_bad_steps`."""
@@ -489,9 +481,10 @@ def log_train_window(logger, step, prefix, window, seconds, optimizer_steps, sam
     writes `prefix | <term> <mean> ... | lr | s/step samples/s | GPU GiB` and train/<term>, the
     means over every rank's window (call it on every rank)."""
     avg = mean_over_ranks(window)
+    gib = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
     logger.line(f"{prefix} | " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
                 + f" | lr {lr:.2e} | {seconds / max(1, optimizer_steps):.2f} s/step "
-                f"{samples / max(seconds, 1e-9):.1f} samples/s | {gpu_memory_gib():.1f} GiB")
+                f"{samples / max(seconds, 1e-9):.1f} samples/s | {gib:.1f} GiB")
     logger.record(step, {f"train/{k}": v for k, v in avg.items()} | {"train/lr": lr})
     return avg
 

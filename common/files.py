@@ -36,10 +36,8 @@ def write_json(path, obj, overwrite=True):
         return
     try:
         os.link(tmp, path)  # fails when path exists, unlike a rename
-    except FileExistsError:
-        raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if os.path.exists(path):
+    except OSError as e:  # path exists, or a file system without hard links: then check, and rename
+        if isinstance(e, FileExistsError) or os.path.exists(path):
             raise RunError(f"{path}: already exists (another run wrote it); pass --overwrite to replace it") from None
         os.replace(tmp, path)
     finally:

@@ -59,8 +59,6 @@ PARTS = dict(internvl.PARTS, lora=("model.",), llm=("model.model.language_model.
              mlp1=("model.model.visual.merger.",), vision=("model.model.visual.",))
 
 
-
-
 def smart_resize(height, width, factor, min_pixels, max_pixels):
     """(h, w): multiples of `factor`, aspect ratio kept, h*w within [min_pixels, max_pixels];
     qwen_vl_utils' rounding (round, then floor when too large, ceil when too small)."""
@@ -207,25 +205,17 @@ def seg_hidden_convention(config, arch):
 
 # ------------------------------------------------------------------ the HF processor, without torchvision
 
-_IMAGE_ONLY = {}
-
-
-def image_only_processor_class(cls):
-    """`cls` (Qwen3VLProcessor, Qwen2_5_VLProcessor) holding only an image processor and a
-    tokenizer: the video processor needs torchvision, and predict_forward never uses it for an
-    image. A module-level class per base, so that the processor pickles (DataLoader workers)."""
-    name = cls.__name__ + "ImageOnly"
-    if name not in _IMAGE_ONLY:
-        attributes = ["image_processor", "tokenizer"]
-        _IMAGE_ONLY[name] = type(name, (cls,), dict(attributes=attributes, __module__=__name__,
-                                                     get_attributes=classmethod(lambda c: list(attributes))))
-        globals()[name] = _IMAGE_ONLY[name]
-    return _IMAGE_ONLY[name]
-
-
 def image_only_processor(cls, image_processor, tokenizer, chat_template):
-    """An instance of `cls` for images (its __init__ passes video_processor=None, which is dropped)."""
-    return image_only_processor_class(cls)(image_processor, tokenizer, None, chat_template=chat_template)
+    """An instance of `cls` (Qwen3VLProcessor, Qwen2_5_VLProcessor) holding only an image processor and a
+    tokenizer (video_processor=None is dropped): the video processor needs torchvision, and predict_forward
+    never uses it for an image. The subclass is module-level, one per base, so that the processor pickles
+    (DataLoader workers)."""
+    name = cls.__name__ + "ImageOnly"
+    if name not in globals():
+        attributes = ["image_processor", "tokenizer"]
+        globals()[name] = type(name, (cls,), dict(attributes=attributes, __module__=__name__,
+                                                  get_attributes=classmethod(lambda c: list(attributes))))
+    return globals()[name](image_processor, tokenizer, None, chat_template=chat_template)
 
 
 def load_processor(folder):

@@ -38,9 +38,7 @@ from skimage.morphology import skeletonize
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-# ---------------------------------------------------------------------------
-# Overlap metrics (torch, batched)
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------- Overlap metrics (torch, batched)
 
 def _flat_bool(x):
     """(H, W) -> (1, H*W); (B, ...) -> (B, prod(...)); bool, device kept."""
@@ -104,10 +102,8 @@ def metrics_from_counts(tp, fp, fn):
 
 
 def overlap_metrics(pred, gt):
-    """All four overlap metrics at once: dict of float32 tensors of shape (B,).
-
-    See ``overlap_counts`` for shapes and ``metrics_from_counts`` for formulas.
-    """
+    """All four overlap metrics: dict of float32 tensors (B,) (shapes: ``overlap_counts``, formulas:
+    ``metrics_from_counts``)."""
     c = overlap_counts(pred, gt)
     return metrics_from_counts(c["tp"], c["fp"], c["fn"])
 
@@ -117,16 +113,7 @@ def dice(pred, gt):
     return overlap_metrics(pred, gt)["dice"]
 
 
-# ---------------------------------------------------------------------------
-# Skeleton metrics (numpy, one 2-D pair at a time)
-# ---------------------------------------------------------------------------
-
-def _mask2d(x):
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D mask, got shape {x.shape}")
-    return x != 0
-
+# ---------------------------------------------------------------- Skeleton metrics (numpy, one 2-D pair at a time)
 
 def _skeleton(mask):
     """skimage skeleton of a 2-D bool mask, never empty for a non-empty mask."""
@@ -178,7 +165,7 @@ def cldice(pred, gt):
     S = skimage.morphology.skeletonize. Identical -> 1, disjoint -> 0,
     both empty -> 1, exactly one empty -> 0. Returns a Python float in [0, 1].
     """
-    return _pair_terms(_mask2d(pred), _mask2d(gt), topology=True, length=False)["cldice"]
+    return float(skeleton_metrics(pred, gt, length=False)["cldice"][0])
 
 
 def _batch_numpy(x):
@@ -215,9 +202,7 @@ def skeleton_metrics(pred, gt, topology=True, length=True):
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
 
 
-# ---------------------------------------------------------------------------
-# Ranking candidate masks (DPO pairs) and disagreement of sampled masks (mining)
-# ---------------------------------------------------------------------------
+# ---------------- Ranking candidate masks (DPO pairs) and disagreement of sampled masks (mining)
 
 RANK_BY = ("iou", "cldice", "dice_cldice", "dice_topology")
 
@@ -261,9 +246,7 @@ def mean_pairwise_disagreement(masks):
     return float((1.0 - overlap_metrics(m[i, None], m[j, None])["iou"].double()).mean())  # (pairs, 1, pixels)
 
 
-# ---------------------------------------------------------------------------
-# PPO rewards
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------- PPO rewards
 
 class MultiObjectiveReward:
     """Weighted vessel reward for PPO; ``reward(pred, gt) -> dict`` of (B,) arrays.
@@ -345,27 +328,18 @@ class MultiObjectiveReward:
         return w
 
     def __call__(self, pred, gt, running_recall=None):
-        """Per-sample reward and its terms for bool masks (B, H, W), numpy or torch.
-
-        Returns dict of float64 numpy arrays of shape (B,).
-        """
+        """Per-sample reward and its terms, float64 numpy arrays (B,), of bool masks (B, H, W), numpy or torch."""
         w = self.weights(running_recall)
-        c = overlap_counts(pred, gt)
-        m = {k: v.cpu().numpy().astype(np.float64)
-             for k, v in metrics_from_counts(c["tp"], c["fp"], c["fn"]).items()}
+        m = {k: v.cpu().numpy().astype(np.float64) for k, v in overlap_metrics(pred, gt).items()}
         bonus = np.minimum(m["recall"] / self.recall_target, 1.0)
         reward = w["dice"] * m["dice"] + w["recall"] * bonus
-        out = dict(m, recall_bonus=bonus)
-        nan = np.full_like(bonus, math.nan)
         need_topo, need_len = w["topology"] > 0, w["length"] > 0
         s = skeleton_metrics(pred, gt, need_topo, need_len) if need_topo or need_len else {}
-        out["topology"] = s.get("topology", nan)
-        out["cldice"] = s.get("cldice", nan)
-        out["length"] = s.get("length", nan)
-        if need_topo:
-            reward = reward + w["topology"] * out["topology"]
-        if need_len:
-            reward = reward + w["length"] * out["length"]
+        out = dict(m, recall_bonus=bonus)
+        out.update({k: s.get(k, np.full_like(bonus, math.nan)) for k in ("topology", "cldice", "length")})  # NaN: skipped
+        for term in ("topology", "length"):
+            if w[term] > 0:
+                reward = reward + w[term] * out[term]
         out["reward"] = reward
         return out
 
