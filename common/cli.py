@@ -57,7 +57,6 @@ def add_model_args(p):
     g.add_argument("--bf16", action="store_true", help="bf16 weights/activations (DeepSpeed) or autocast (plain torch, GPU)")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the LLM (less memory, ~30%% slower)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, splits and initialisation")
-    return g
 
 
 def add_data_args(p, require_data=True):
@@ -87,7 +86,6 @@ def add_data_args(p, require_data=True):
                                                                "(nearest) instead of stopping with an error")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of a vessel pixel")
-    return g
 
 
 def add_train_args(p, lr, epochs, batch_size, grad_accum, weight_decay, trainable):
@@ -126,7 +124,6 @@ def add_train_args(p, lr, epochs, batch_size, grad_accum, weight_decay, trainabl
     d.add_argument("--offload_optimizer", action="store_true", help="ZeRO optimizer states in CPU memory")
     d.add_argument("--deepspeed_config", default=None, help="JSON merged over the config built from these flags")
     d.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return g
 
 
 def add_lora_args(p, preset="medium"):
@@ -137,7 +134,6 @@ def add_lora_args(p, preset="medium"):
     g.add_argument("--lora_alpha", type=int, default=None, help="overrides the preset's alpha")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA path")
     g.add_argument("--lora_mlp", action="store_true", help="also adapt the MLP projections, not only attention")
-    return g
 
 
 def add_curriculum_args(p):
@@ -150,7 +146,6 @@ def add_curriculum_args(p):
                         "within a group")
     g.add_argument("--curriculum_phases", type=int, default=3,
                    help="groups of --curriculum area: 3 = large, medium, thin vessels")
-    return g
 
 
 def pos_weight(value):

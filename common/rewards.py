@@ -255,7 +255,7 @@ class MultiObjectiveReward:
                  + w_topology * topology + w_length * length
         recall_bonus = min(recall / recall_target, 1)    in [0, 1]
     dice, recall from ``metrics_from_counts``; topology = (clDice + connectivity) / 2;
-    length = ``length_agreement``. Each term is in [0, 1], so the reward lies in
+    length = ``skeleton_metrics``' length. Each term is in [0, 1], so the reward lies in
     [0, sum of weights] (1 with the defaults); weights are used as given, not
     normalised. A perfect prediction scores sum of weights.
 

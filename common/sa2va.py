@@ -290,10 +290,7 @@ class Sa2VAProcessor:
     def __init__(self, iface: Sa2VAInterface, tokenizer, prompt=DEFAULT_PROMPT, answer=DEFAULT_ANSWER):
         # Qwen-VL family: the prompt turn and image patches come from the model's processor exactly as
         # its predict_forward makes them (common.qwenvl.encode); the rest of the batch is shared
-        self.iface = iface
-        self.tokenizer = tokenizer
-        self.prompt = prompt
-        self.answer = answer
+        self.iface, self.tokenizer, self.prompt, self.answer = iface, tokenizer, prompt, answer
         if "<image>" not in prompt:
             raise ValueError(f"--prompt must contain <image>, got {prompt!r}")
         if SEG not in answer:
