@@ -361,10 +361,6 @@ def train_unet(args):
         return dict(baseline="unet", width=args.width, depth=DEPTH, parameters=n_params, step=step, metrics=metrics,
                     data=args.data, train_frames=[f.key for f in train_frames], args=vars(args))
 
-    def checkpoint():
-        state["buffers"] = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
-        save_trainer_state(engine, run_dir, state)
-
     t_start, window, t_window = time.time(), [], time.time()
     model.train()
     while state["step"] < args.steps:
@@ -392,7 +388,8 @@ def train_unet(args):
             if val is None or val["mean_dice"] > state["best_dice"]:
                 state["best_dice"], state["best_step"] = (val["mean_dice"] if val else -1.0), state["step"]
                 save_unet(model, os.path.join(run_dir, "best"), meta(state["step"], val))
-            checkpoint()
+            state["buffers"] = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}  # restored by --resume
+            save_trainer_state(engine, run_dir, state)
 
     final = state["history"][-1] if state["history"] else {}
     save_unet(model, os.path.join(run_dir, "final"), meta(state["step"], final))

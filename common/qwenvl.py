@@ -124,11 +124,8 @@ def collate(encoded, pad_id):
     batch = dict(pixel_values=torch.cat([e["pixel_values"] for e in encoded]),
                  image_grid_thw=torch.cat([e["image_grid_thw"] for e in encoded]))
     if all("mm_token_type_ids" in e for e in encoded):
-        length = max(len(e["mm_token_type_ids"]) for e in encoded)
-        types = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            types[row, :len(e["mm_token_type_ids"])] = torch.tensor(e["mm_token_type_ids"])
-        batch["mm_token_type_ids"] = types
+        types = [e["mm_token_type_ids"] for e in encoded]
+        batch["mm_token_type_ids"] = torch.tensor([t + [0] * (max(map(len, types)) - len(t)) for t in types])
     return batch
 
 

@@ -353,14 +353,10 @@ class Sa2VAProcessor:
             ids.append(seq)
             labels.append([-100] * len(prompt_ids) + answer_ids)
             seg_index.append(len(prompt_ids) + answer_ids.index(self.iface.seg_token_id))
-        length = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), length), self.iface.pad_token_id, dtype=torch.long)
-        label_ids = torch.full((len(ids), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, (seq, lab) in enumerate(zip(ids, labels)):  # right padding keeps positions 0..n-1
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            label_ids[row, :len(lab)] = torch.tensor(lab)
-            attention_mask[row, :len(seq)] = 1
+        length = max(len(x) for x in ids)  # right padding keeps positions 0..n-1
+        input_ids = torch.tensor([x + [self.iface.pad_token_id] * (length - len(x)) for x in ids])
+        label_ids = torch.tensor([x + [-100] * (length - len(x)) for x in labels])
+        attention_mask = torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids])
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
                      g_pixel_values=torch.stack(g_pixels),
                      seg_index=torch.tensor(seg_index), image_sizes=[s["image"].size[::-1] for s in samples],
