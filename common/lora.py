@@ -59,7 +59,6 @@ def apply_lora(model, rank, alpha, dropout=0.05, include_mlp=False):
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                         target_modules=lora_target_modules(model, include_mlp))
     set_llm_module(model, get_peft_model(llm_module(model), config))
-    return model
 
 
 def has_lora(model):
@@ -67,7 +66,7 @@ def has_lora(model):
 
 
 def set_trainable(model, parts):
-    """Freeze everything, then unfreeze the named parts. Returns the trainable parameters."""
+    """Freeze everything, then unfreeze the named parts."""
     table = parts_of(model)
     unknown = set(parts) - set(table)
     if unknown:
@@ -79,7 +78,6 @@ def set_trainable(model, parts):
         for part in parts:
             if canonical_name(name).startswith(table[part]) and (part != "lora" or "lora_" in name):
                 p.requires_grad = True
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def count_parameters(model):

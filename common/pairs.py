@@ -126,9 +126,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         e = self.entries[index]
-        return dict(image=read_image(e["image_path"]), chosen_mask=np.asarray(read_mask(e["chosen_mask_path"])),
-                    rejected_mask=np.asarray(read_mask(e["rejected_mask_path"])), key=e["key"],
-                    prompt=e["prompt"], index=index)
+        return dict(image=read_image(e["image_path"]), chosen_mask=read_mask(e["chosen_mask_path"]),
+                    rejected_mask=read_mask(e["rejected_mask_path"]), key=e["key"], prompt=e["prompt"], index=index)
 
 
 def disputed_share(entries, limit=64):
@@ -138,7 +137,7 @@ def disputed_share(entries, limit=64):
     (logp_l - ref_l) the agreeing pixels cancel, so with the per-pixel MEAN of MISSION.md, h is
     the per-disputed-pixel log-ratio times this share. beta scales h: the loss saturates
     (beta * h ~ 3) once the policy has moved ~3 / (beta * share) nats per disputed pixel."""
-    shares = [float((np.asarray(read_mask(e["chosen_mask_path"]))
-                     != np.asarray(read_mask(e["rejected_mask_path"]))).mean()) for e in entries[:limit]]
+    shares = [float((read_mask(e["chosen_mask_path"]) != read_mask(e["rejected_mask_path"])).mean())
+              for e in entries[:limit]]
     return float(np.median(shares)) if shares else 0.0
 

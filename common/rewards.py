@@ -51,15 +51,11 @@ def _flat_bool(x):
 
 
 def overlap_counts(pred, gt):
-    """Per-sample confusion counts of two binary masks.
-
-    pred, gt: bool or {0, 1} tensors (or arrays) of the same shape, (B, H, W) or (H, W)
-    (treated as B = 1). Any trailing dims after B are flattened.
-    Returns dict of int64 tensors of shape (B,):
+    """Per-sample confusion counts of two masks (tensors or arrays) of one shape, (B, ...) or (H, W):
+    dict of int64 tensors (B,)
         tp = |P ∩ G|, fp = |P \\ G|, fn = |G \\ P|, tn = N - tp - fp - fn.
-    Counts are exact integers, so summing them over samples and ranks (all-reduce)
-    and then calling ``metrics_from_counts`` gives dataset-level scores.
-    """
+    Exact integers: ``metrics_from_counts`` of their sums over samples and ranks (all-reduce)
+    gives dataset-level scores."""
     p, g = _flat_bool(pred), _flat_bool(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred and gt shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}")
@@ -76,20 +72,15 @@ def _ratio(num, den, clean):
 
 
 def metrics_from_counts(tp, fp, fn):
-    """Dice, IoU, precision and recall from confusion counts.
-
-    tp, fp, fn: tensors (or numbers) of any common shape: per-sample counts of shape
-    (B,) give per-sample scores; counts summed over a dataset (and all-reduced over
-    ranks) give global scores of shape ().
+    """Dice, IoU, precision and recall (dict of float32 tensors) from confusion counts (tensors or
+    numbers) of any common shape: per-sample counts (B,) give per-sample scores, counts summed over
+    a dataset (and all-reduced over ranks) global scores of shape ().
         dice      = 2 tp / (2 tp + fp + fn)
         iou       = tp / (tp + fp + fn)
         precision = tp / (tp + fp)
         recall    = tp / (tp + fn)
-    A zero denominator scores 1 if fp = fn = 0 (both masks empty), else 0; for Dice
-    and IoU a zero denominator implies fp = fn = 0, so they are 1 there.
-    Returns dict of float32 tensors. Arithmetic runs in float64 because
-    dataset-level counts exceed float32's 2**24 exact-integer range.
-    """
+    A zero denominator: the module's convention (for Dice and IoU it implies fp = fn = 0: 1).
+    Computed in float64: dataset-level counts exceed float32's 2**24 exact-integer range."""
     tp, fp, fn = (torch.as_tensor(c).to(torch.float64) for c in (tp, fp, fn))
     clean = (fp + fn) == 0
     out = {
@@ -157,14 +148,11 @@ def _pair_terms(pred, gt, topology=True, length=True):
 
 
 def cldice(pred, gt):
-    """Centerline Dice of one pair of 2-D masks (Shit et al., CVPR 2021).
-
+    """Centerline Dice of one pair of 2-D masks (Shit et al., CVPR 2021), a Python float in [0, 1]:
         Tprec  = |S(P) ∩ G| / |S(P)|      (predicted centreline lying inside GT)
         Tsens  = |S(G) ∩ P| / |S(G)|      (GT centreline covered by the prediction)
         clDice = 2 Tprec Tsens / (Tprec + Tsens)
-    S = skimage.morphology.skeletonize. Identical -> 1, disjoint -> 0,
-    both empty -> 1, exactly one empty -> 0. Returns a Python float in [0, 1].
-    """
+    S = skimage.morphology.skeletonize. Identical -> 1, disjoint -> 0 (empty masks: the module's rule)."""
     return float(skeleton_metrics(pred, gt, length=False)["cldice"][0])
 
 
@@ -178,9 +166,7 @@ def _batch_numpy(x):
 
 
 def skeleton_metrics(pred, gt, topology=True, length=True):
-    """Skeleton metrics of a batch: dict of float64 numpy arrays of shape (B,).
-
-    pred, gt: (B, H, W) or (H, W) bool / {0, 1}, numpy or torch (any device).
+    """Skeleton metrics of a batch (numpy or torch, any device): dict of float64 numpy arrays (B,).
     Keys: "cldice", "connectivity", "topology", "betti0_error" if topology, "length"
     if length. Loops over the B samples because skeletonisation is per image; each mask
     is skeletonised once (S = skimage skeleton, C = 8-connected components):
@@ -192,8 +178,7 @@ def skeleton_metrics(pred, gt, topology=True, length=True):
         betti0_error = |Cp - Cg| (pieces, not where they are);
         length       = min(Lp, Lg) / max(Lp, Lg), L = skeleton pixels (plain count: the
                        prediction and GT of the same vessels share their diagonal bias).
-    Both empty -> 1 (betti0_error 0), exactly one empty -> 0.
-    """
+    Both empty -> 1 (betti0_error 0), exactly one empty -> 0."""
     p, g = _batch_numpy(pred), _batch_numpy(gt)
     if p.shape != g.shape:
         raise ValueError(f"pred and gt shapes differ: {p.shape} vs {g.shape}")
@@ -208,9 +193,7 @@ RANK_BY = ("iou", "cldice", "dice_cldice", "dice_topology")
 
 
 def preference_scores(pred, gt, rank_by="iou"):
-    """The score that ranks candidate masks for DPO pairs, and its parts.
-
-    pred, gt: (B, H, W) or (H, W) bool / {0, 1}, numpy or torch. rank_by:
+    """The score that ranks candidate masks (numpy or torch) for DPO pairs, and its parts. rank_by:
         iou            IoU (no skeleton is computed)
         cldice         clDice
         dice_cldice    0.5 Dice + 0.5 clDice
@@ -220,8 +203,7 @@ def preference_scores(pred, gt, rank_by="iou"):
     islands) ranks below one of equal overlap in as many pieces as the GT. Every score
     is in [0, 1] and is 1 for a mask equal to the GT.
     Returns dict of float64 numpy arrays (B,): score, iou, dice, and with a skeleton
-    score also cldice, connectivity, betti0_error.
-    """
+    score also cldice, connectivity, betti0_error."""
     if rank_by not in RANK_BY:
         raise ValueError(f"unknown rank_by {rank_by!r}; choose from {RANK_BY}")
     out = {k: v.cpu().numpy().astype(np.float64) for k, v in overlap_metrics(pred, gt).items()
@@ -271,8 +253,7 @@ class MultiObjectiveReward:
     Skeletonisation is the slow part, so the topology / length terms are only computed
     when their effective weight is non-zero; a skipped term is reported as NaN.
     Output keys: reward, dice, iou, precision, recall, recall_bonus, topology, cldice
-    (a part of topology, reported as is), length.
-    """
+    (a part of topology, reported as is), length."""
 
     def __init__(self, dice_weight=0.5, recall_weight=0.2, topology_weight=0.2,
                  length_weight=0.1, recall_target=0.85, dynamic_recall=False,
@@ -295,12 +276,10 @@ class MultiObjectiveReward:
         self.running_recall = None  # None until the trainer reports one
 
     def update_running_recall(self, mean_recall):
-        """Fold one rollout's mean recall into the EMA; the first call sets it.
-
+        """Fold one rollout's mean recall into the EMA; the first call sets it:
             r <- m * r + (1 - m) * mean_recall,   m = recall_momentum
         Smoothed because a single rollout's recall is noisy and flipping weights
-        every step would make the reward non-stationary.
-        """
+        every step would make the reward non-stationary."""
         mean_recall = float(mean_recall)
         if self.running_recall is None:
             self.running_recall = mean_recall
@@ -310,10 +289,8 @@ class MultiObjectiveReward:
         return self.running_recall
 
     def weights(self, running_recall=None):
-        """Effective weights (dict dice/recall/topology/length) for a running recall.
-
-        running_recall: overrides the stored EMA when given (not stored).
-        """
+        """Effective weights (dict dice/recall/topology/length) for a running recall; `running_recall`
+        given: used instead of the stored EMA (and not stored)."""
         w = dict(self.base_weights)
         r = self.running_recall if running_recall is None else float(running_recall)
         if not self.dynamic_recall or r is None or r >= self.dynamic_recall_below:
@@ -354,11 +331,9 @@ class SimpleDiceReward(MultiObjectiveReward):
 
 class RecallFocusedReward(MultiObjectiveReward):
     """reward = recall_weight * recall + (1 - recall_weight) * dice, default 0.7 / 0.3.
-
     Raw recall (recall_target = 1, so the bonus never saturates): an over-segmenting
     prediction beats an under-segmenting one of equal Dice. Keeping Dice in the sum
-    stops "predict everything" from scoring 0.7+. No skeleton terms (NaN).
-    """
+    stops "predict everything" from scoring 0.7+. No skeleton terms (NaN)."""
 
     def __init__(self, recall_weight=0.7):
         if not 0 <= recall_weight <= 1:
@@ -375,13 +350,10 @@ REWARDS = {
 
 
 def make_reward(name, **weights):
-    """Build the reward named by --reward_type with the given constructor arguments.
-
-    Arguments whose value is None are dropped, so a trainer can pass every flag
-    with default None ("use the reward's default"). An argument the chosen reward
-    does not take raises TypeError rather than being silently ignored (e.g.
-    --dice_weight with simple_dice).
-    """
+    """Build the reward named by --reward_type with the given constructor arguments. Arguments
+    whose value is None are dropped, so a trainer can pass every flag with default None ("use the
+    reward's default"). An argument the chosen reward does not take raises TypeError rather than
+    being silently ignored (e.g. --dice_weight with simple_dice)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward_type {name!r}; choose from {sorted(REWARDS)}")
     return REWARDS[name](**{k: v for k, v in weights.items() if v is not None})
