@@ -90,9 +90,8 @@ def collapse_warning(metrics):
 
 def gather_records(records):
     """Every rank's records, in dataset order."""
-    records = [r for part in all_gather_objects(records) for r in part]
-    records.sort(key=lambda r: (r["index"] is None, r["index"] if r["index"] is not None else r["key"]))
-    return records
+    return sorted((r for part in all_gather_objects(records) for r in part),
+                  key=lambda r: (r["index"] is None, r["index"] if r["index"] is not None else r["key"]))
 
 
 def summarize(records, thresholds):

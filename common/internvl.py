@@ -136,8 +136,7 @@ def seg_hidden(model, batch, cache=None):
     """Teacher-forced forward: vision features (from `cache` when frozen) spliced at <IMG_CONTEXT>, the
     decoder stack -> (hidden (B, L, h) post-norm, [SEG] states (B, h))."""
     input_ids = batch["input_ids"]
-    embed = model.get_input_embeddings()
-    input_embeds = embed(input_ids)
+    input_embeds = model.get_input_embeddings()(input_ids)
     vit = cached_image_embeddings(model, batch, cache).to(input_embeds.dtype)
     selected = (input_ids == model.img_context_token_id)[..., None]
     if selected.sum() != vit.shape[0] * vit.shape[1]:

@@ -57,10 +57,8 @@ PROMPT = "blood vessel"
 # ----------------------------------------------------------------------------- geometry
 
 def _grow_vessel(rng, start, heading, length, r_start, r_end, scale, curl=0.07):
-    """Centerline samples (n, 2) as (x, y), radii (n,) and headings (n,) of one smooth vessel.
-
-    curl: heading random-walk strength, radians per sqrt(px) of a 128 px image.
-    """
+    """Centerline samples (n, 2) as (x, y), radii (n,) and headings (n,) of one smooth vessel;
+    curl: heading random-walk strength, radians per sqrt(px) of a 128 px image."""
     n = max(int(np.ceil(length / SAMPLE_STEP)), 2)
     # A random walk of the heading, smoothed over ~10 px, bends like a vessel instead of jittering.
     turns = rng.normal(0.0, curl * np.sqrt(SAMPLE_STEP / scale), n)
@@ -142,10 +140,8 @@ def _deform(points, frame, motion):
 
 def _render(vessels, size):
     """Exact mask (bool) and X-ray path length in px (float) of (points, radii, level) vessels.
-
     Vessels of one level share a distance transform; levels are drawn separately so a thin
-    branch never claims (and narrows) the pixels of the thicker vessel it leaves.
-    """
+    branch never claims (and narrows) the pixels of the thicker vessel it leaves."""
     mask = np.zeros((size, size), bool)
     path = np.zeros((size, size), np.float32)
     rows, cols = np.mgrid[0:size, 0:size]
@@ -245,15 +241,12 @@ def bolus_curve(num_frames, arrival=0.2, peak=0.35, washout=0.6, gone=0.8):
 
 
 def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=None, info=None):
-    """One synthetic angiography video.
-
-    Returns (images, masks, contrast): `num_frames` uint8 (size, size, 3) images, bool
-    (size, size) masks and the per-frame vessel contrast (1 = normal, < HARD_CONTRAST =
+    """One synthetic angiography video: (images, masks, contrast), `num_frames` uint8 (size, size, 3)
+    images, bool (size, size) masks and the per-frame vessel contrast (1 = normal, < HARD_CONTRAST =
     washed out). The mask is the full vessel geometry whatever the contrast.
     `contrast`: the per-frame contrast to draw with (e.g. `bolus_curve`: frames before the
     injection show no vessel) instead of the default wash-in with washed-out stretches.
-    `info`: a dict that gets the heartbeat period in frames (`period`), to check measurements against.
-    """
+    `info`: a dict that gets the heartbeat period in frames (`period`), to check measurements against."""
     scale = size / BASE_SIZE
     for _ in range(20):
         tree = _vessel_tree(rng, size)
@@ -298,11 +291,9 @@ def make_video(rng: np.random.Generator, num_frames: int, size: int, contrast=No
 # ----------------------------------------------------------------------------- files
 
 def _cut_loops_open(mask):
-    """Copy of `mask` with a 1 px slit from every hole to the outside.
-
-    Crossing vessels enclose background; an outline polygon of such a ring would fill the
-    enclosed area. A slit turns every ring into a simple outline for a few pixels.
-    """
+    """Copy of `mask` with a 1 px slit from every hole to the outside. Crossing vessels enclose
+    background; an outline polygon of such a ring would fill the enclosed area. A slit turns every
+    ring into a simple outline for a few pixels."""
     mask = mask.copy()
     for _ in range(mask.size):  # each pass opens at least one hole; the bound only guards
         filled = ndimage.binary_fill_holes(mask)
@@ -320,14 +311,12 @@ def _cut_loops_open(mask):
 
 
 def mask_polygons(mask):
-    """Outline polygons of the mask's connected components, each flat [x1, y1, x2, y2, ...].
-
-    An approximation of the raster mask, in the COCO / Sa2VA convention the official loader
+    """Outline polygons of the mask's connected components, each flat [x1, y1, x2, y2, ...]:
+    an approximation of the raster mask, in the COCO / Sa2VA convention the official loader
     rasterises with pycocotools: pixel (row i, column j) covers [j, j+1) x [i, i+1), so its
     centre is at (j + 0.5, i + 0.5) and coordinates run from 0 to size. Vertices lie on the 0.5
     level between pixel centres and cut corners diagonally; loops where vessels cross are cut
-    open by a 1 px slit so that no polygon encloses background.
-    """
+    open by a 1 px slit so that no polygon encloses background."""
     # The pad gives every component an outside, also where the vessels reach the image border.
     outlined = _cut_loops_open(np.pad(mask, 1))
     contours = measure.find_contours(outlined.astype(float), 0.5, fully_connected="high")
@@ -362,7 +351,6 @@ def _reuse_existing(out_dir, args, meta_name="synth_meta.json"):
 
 def write_dataset(out_dir, num_videos=8, frames_per_video=12, size=128, seed=0, fmt="masks"):
     """Write the synthetic dataset to `out_dir` and return its path.
-
     fmt="masks": images/<video>_<frame:03d>.png (RGB) and masks/<same name> (0/255).
     fmt="annotations": images/ plus annotations.json, a list of
     {"image": name, "mask": [polygon, ...], "text": ["blood vessel"]} whose polygons are the
@@ -373,8 +361,7 @@ def write_dataset(out_dir, num_videos=8, frames_per_video=12, size=128, seed=0, 
     Everything is written to `<out_dir>.tmp` and renamed at the end, so a folder at `out_dir`
     is always complete. An existing `out_dir` made with the same arguments is returned as is;
     one made with other arguments raises ValueError. Not safe for concurrent writers to the
-    same `out_dir`: call it on one rank and wait for it on the others.
-    """
+    same `out_dir`: call it on one rank and wait for it on the others."""
     if fmt not in ("masks", "annotations"):
         raise ValueError(f"fmt must be 'masks' or 'annotations', not {fmt!r}")
     if min(num_videos, frames_per_video, size) < 1:
@@ -387,8 +374,7 @@ def write_dataset(out_dir, num_videos=8, frames_per_video=12, size=128, seed=0, 
         return _reuse_existing(out_dir, args)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     (tmp / "images").mkdir(parents=True)
     if fmt == "masks":
         (tmp / "masks").mkdir()
