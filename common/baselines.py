@@ -256,10 +256,9 @@ def unet_checkpoint(path):
     for candidate in (path, os.path.join(path, "best")):
         if os.path.isfile(os.path.join(candidate, UNET_META)):
             return candidate
-    for candidate in (path, os.path.join(path, "best")):
-        if os.path.isfile(os.path.join(candidate, "stage.json")):
-            raise CheckpointError(f"{path}: a Sa2VA stage checkpoint (stage.json), not a U-Net baseline; pass it to "
-                                  f"evaluate.py --checkpoints, and a `python -m common.baselines` run folder to --unet")
+    if any(os.path.isfile(os.path.join(path, *sub, "stage.json")) for sub in ((), ("best",))):
+        raise CheckpointError(f"{path}: a Sa2VA stage checkpoint (stage.json), not a U-Net baseline; pass it to "
+                              f"evaluate.py --checkpoints, and a `python -m common.baselines` run folder to --unet")
     raise CheckpointError(f"{path}: not a U-Net run folder (no {UNET_META} in it or in its best/); train one with "
                           f"`python -m common.baselines --data ... --output ...`")
 

@@ -397,11 +397,9 @@ def _pycocotools():
 
 
 def rasterise(polygons, height, width):
-    """Bool (H, W) union of flat polygons [x1, y1, x2, y2, ...], exactly as Sa2VA's loader (pycocotools).
-
-    A pixel is inside when its centre is (pycocotools' scan conversion): the square (2,2)-(8,8)
-    covers rows and columns 2..7, 36 pixels. Polygons must hold >= 3 points (pycocotools reads a
-    4-number list as a box); check them with `entry_polygons` first."""
+    """Bool (H, W) union of flat polygons [x1, y1, x2, y2, ...], exactly as Sa2VA's loader: pycocotools'
+    scan conversion, a pixel inside when its centre is (the module docstring's square). Polygons must
+    hold >= 3 points (pycocotools reads a 4-number list as a box); check them with `entry_polygons` first."""
     mask = np.zeros((height, width), bool)
     if polygons:
         mask_utils = _pycocotools()
@@ -421,15 +419,6 @@ def read_json(path, what="file"):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_annotations(path):
-    """The entries of an annotations.json: a JSON list, or DataError."""
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: must be a JSON list of entries [{{\"image\": ..., \"mask\": ..., \"text\": ...}}, "
-                        f"...] (Sa2VA's format), got a JSON {type(entries).__name__}")
-    return entries
 
 
 def _check_polygon(polygon, where, width, height):
@@ -494,7 +483,10 @@ def entry_text(text, where):
 def _annotation_frames(root, images, video_regex, allow_empty):
     path = os.path.join(root, ANNOTATIONS_FILE)
     image_dir = os.path.join(root, "images")
-    entries = read_annotations(path)
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: must be a JSON list of entries [{{\"image\": ..., \"mask\": ..., \"text\": ...}}, "
+                        f"...] (Sa2VA's format), got a JSON {type(entries).__name__}")
     labelled, stems = {}, {}  # image name -> what its entries say; stem -> image name
     outside = repeated = 0
     for i, entry in enumerate(entries):

@@ -144,15 +144,13 @@ def deepspeed_config(args, world_size):
 
 class TorchEngine:
     """Plain-torch stand-in for a DeepSpeed engine: gradient accumulation, clipping, a
-    scheduler step per optimizer step, bf16 autocast on GPU, skipped non-finite steps."""
+    scheduler step per optimizer step, bf16 autocast on GPU (non-finite losses: `finite_or_zero`)."""
 
     def __init__(self, model, optimizer, scheduler, grad_accum, grad_clip, bf16, device):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast = bf16_autocast(bf16, device)
-        self.device = device
-        self.micro_steps = 0
-        self.global_steps = 0
+        self.device, self.micro_steps, self.global_steps = device, 0, 0
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def is_gradient_accumulation_boundary(self):

@@ -209,9 +209,7 @@ def read_stack(name, path):
     if len({p.shape for p in pages}) > 1:
         raise DataError(f"{path}: pages of different sizes ({pages[0].shape} and others); not one run")
     frames, info = run_to_8bit(np.stack(pages), path)
-    times = None
-    if all(d for d in durations):
-        times = [0.0] + list(np.cumsum(durations[:-1]) / 1000.0)
+    times = [0.0] + list(np.cumsum(durations[:-1]) / 1000.0) if all(durations) else None
     return Run(name, path, frames, times, dict(info, format="gif" if path.lower().endswith(".gif") else "tiff"))
 
 
