@@ -153,7 +153,10 @@ def cldice(pred, gt):
         Tsens  = |S(G) ∩ P| / |S(G)|      (GT centreline covered by the prediction)
         clDice = 2 Tprec Tsens / (Tprec + Tsens)
     S = skimage.morphology.skeletonize. Identical -> 1, disjoint -> 0 (empty masks: the module's rule)."""
-    return float(skeleton_metrics(pred, gt, length=False)["cldice"][0])
+    scores = skeleton_metrics(pred, gt, length=False)["cldice"]
+    if len(scores) != 1:  # a batch would otherwise score its first pair only
+        raise ValueError(f"cldice takes one pair of 2-D masks, got a batch of {len(scores)}: use skeleton_metrics")
+    return float(scores[0])
 
 
 def _batch_numpy(x):

@@ -112,6 +112,8 @@ def test_cldice_identical_disjoint_empty():
     assert R.cldice(v, other) == 0.0
     assert R.cldice(empty, empty) == 1.0
     assert R.cldice(empty, v) == 0.0 and R.cldice(v, empty) == 0.0
+    with pytest.raises(ValueError, match="one pair"):
+        R.cldice(np.stack([v, v]), np.stack([v, other]))
 
 
 def test_cldice_hand_case():
