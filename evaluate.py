@@ -23,10 +23,11 @@ writes pred/masks/<stem>.png (0/255, original size), pred/overlays/<stem>.png, o
 pred/gifs/<video>.gif per video (frames in order), --save_probs pred/probs/<stem>.png (8-bit),
 and pred/predictions.json (threshold, answer mode, per-frame vessel pixels, frames without [SEG]).
 
---baselines frangi,unet adds two rows scored with the same metrics, threshold and frames: Frangi
-vesselness (no learning; polarity, sigmas and threshold fitted on the train split) and a U-Net
+--baselines frangi,unet,grid adds rows scored with the same metrics, threshold and frames: Frangi
+vesselness (no learning; polarity, sigmas and threshold fitted on the train split), a U-Net
 trained on the stages' train split (--unet RUN reuses a `python -m common.baselines` run; without
-it one is trained into <output>/unet/). stage_table.md then gives every row's Dice gap to the U-Net.
+it one is trained into <output>/unet/), and the ceiling of SAM2's mask grid (the ground truth
+through the model's low-res mask grid). stage_table.md then gives every row's Dice gap to the U-Net.
 
 --video_mode segments each video with SAM2's memory across frames, as the released Sa2VA video
 inference does (common/video.py): on a labelled folder every checkpoint is scored per frame and in
@@ -77,9 +78,10 @@ def parse_args(argv=None):
                    help="write panel.png: N frames (hardest for the first checkpoint) x (frame, GT, every checkpoint)")
     g = p.add_argument_group("baselines (README, Baselines)")
     g.add_argument("--baselines", default="",
-                   help="comma list of frangi, unet: rows beside the checkpoints, same frames, metrics and threshold. "
-                        "frangi: no learning, polarity/sigmas/threshold fitted on the train split; unet: a U-Net trained "
-                        "on the train split (--unet, or trained here into <output>/unet/)")
+                   help="comma list of frangi, unet, grid: rows beside the checkpoints, same frames, metrics and "
+                        "threshold. frangi: no learning, polarity/sigmas/threshold fitted on the train split; unet: a "
+                        "U-Net trained on the train split (--unet, or trained here into <output>/unet/); grid: the "
+                        "ground truth through SAM2's low-res mask grid, about the best any Sa2VA can score")
     g.add_argument("--unet", default=None,
                    help="a `python -m common.baselines` run folder (or its best/) to score as the unet row")
     g.add_argument("--unet_preset", default="auto", choices=("auto",) + tuple(baselines.UNET_PRESETS),
@@ -150,19 +152,26 @@ def overlay(image, gt, pred):
     return Image.fromarray(out.astype(np.uint8))
 
 
-BASELINES = ("frangi", "unet")
+BASELINES = ("frangi", "unet", "grid")
 
 
-def score_baseline(args, name, dataset, thresholds, rank, world_size, device):
+def score_baseline(args, name, dataset, thresholds, rank, world_size, device, sam_size):
     """(checkpoint, records, this rank's probabilities, info) of a baseline on the scored frames: Frangi
-    fitted on the stages' train split, or a U-Net trained on it (here, or the --unet run)."""
+    fitted on the stages' train split, a U-Net trained on it (here, or the --unet run), or the ground
+    truth through the `sam_size` model's mask grid."""
     train_frames = select_split(args, "train")
-    if name == "frangi":
+    if name == "grid":
+        grid = sam_size // 4
+        ckpt, predict = None, lambda sample: baselines.mask_grid_probabilities(sample["mask"], sam_size)
+        info = dict(baseline="grid", sam_size=sam_size,
+                    description=f"ceiling: the ground truth through SAM2's {grid} x {grid} mask grid (no model)")
+    elif name == "frangi":
         try:
             params = baselines.fit_frangi(train_frames, log=print0)
         except ValueError as e:
             raise SystemExit(f"--baselines frangi: {e}")
-        ckpt, predict = None, lambda image: torch.from_numpy(baselines.frangi_probabilities(image, params, args.threshold))
+        ckpt, predict = None, lambda sample: torch.from_numpy(baselines.frangi_probabilities(sample["image"], params,
+                                                                                             args.threshold))
         info = dict(baseline="frangi", frangi=params, description=f"no learning: Frangi vesselness, polarity, sigmas and "
                                                                   f"threshold fitted on {len(params['fit_frames'])} train frames")
     else:
@@ -188,14 +197,14 @@ def score_baseline(args, name, dataset, thresholds, rank, world_size, device):
         if not same:
             print0(f"warning: the U-Net {run} trained on {len(trained_on)} frames, not on this split's "
                    f"{len(train_frames)} train frames")
-        ckpt, predict = meta["checkpoint"], lambda image: baselines.unet_probabilities(model, image, device)
+        ckpt, predict = meta["checkpoint"], lambda sample: baselines.unet_probabilities(model, sample["image"], device)
         info = dict(baseline="unet", parameters=meta["parameters"], preset=meta["args"]["preset"],
                     description=f"U-Net, {meta['parameters']:,} parameters, trained on "
                                 + ("the same split" if same else f"another split ({len(trained_on)} frames)"))
     records, probs = [], {}
     for i in EvalSampler(len(dataset), rank, world_size):
         sample = dataset[i]
-        probs[sample["key"]] = predict(sample["image"]).float()
+        probs[sample["key"]] = predict(sample).float()
         records.append(frame_record(sample["key"], i, probs[sample["key"]], sample["mask"], torch.tensor(thresholds)))
     return ckpt, gather_records(records), probs, info
 
@@ -617,6 +626,7 @@ def main(args):
 
     for base_name, ckpt in checkpoints:
         model, processor, autocast = cli.load_for_inference(args, ckpt, device)
+        sam_size = processor.iface.sam_image_size
         if args.video_mode:
             check_video_model(model)
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=EvalSampler(len(dataset), rank, world_size),
@@ -633,7 +643,7 @@ def main(args):
             add_result(name, ckpt, records, probs)
         del model
     for name in wanted_baselines:
-        ckpt, records, probs, info = score_baseline(args, name, dataset, thresholds, rank, world_size, device)
+        ckpt, records, probs, info = score_baseline(args, name, dataset, thresholds, rank, world_size, device, sam_size)
         add_result(name, ckpt, records, probs, **info)
 
     table = stage_table(summary, caption)

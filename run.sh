@@ -38,8 +38,8 @@
 #   SEED       seed of split, initialisation and order of every stage (default 0)
 #   SEEDS=N    the whole pipeline N times (seeds 0..N-1, into $OUT/seed_<k>), then each stage's gain over its
 #              start with its 95% interval over the seeds ($OUT/gains.md; python -m common.seeds)
-#   BASELINES  1 (default): Frangi (no learning) and a U-Net trained on the same split as rows of the
-#              stage table, with each stage's Dice gap to the U-Net; 0 skips them. UNET_PRESET: small
+#   BASELINES  1 (default): Frangi (no learning), a U-Net trained on the same split and the mask grid's
+#              ceiling as rows of the stage table, with each stage's Dice gap to the U-Net; 0 skips them. UNET_PRESET: small
 #              (quick) or strong (full) by default; UNET_STEPS: its optimizer steps (default: the preset's,
 #              200 / 3000) (README "Baselines")
 set -euo pipefail
@@ -245,7 +245,7 @@ if wants eval && [ "${BASELINES:-1}" = 1 ]; then
   else
     echo "unet: finished earlier in $UNET (RERUN=unet to run it again)"
   fi
-  BASELINE_ARGS=(--baselines frangi,unet --unet "$UNET" --max_train_samples "$MAX_TRAIN")
+  BASELINE_ARGS=(--baselines frangi,unet,grid --unet "$UNET" --max_train_samples "$MAX_TRAIN")
 fi
 
 if wants eval; then

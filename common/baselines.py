@@ -1,6 +1,7 @@
-"""Baselines for the stage table: no learning (Frangi vesselness) and a specialist trained on the
-same split (a plain U-Net). They answer the first question a reviewer asks of a fine-tuned
-vision-language segmenter: does it beat a plain U-Net trained on the same frames?
+"""Baselines for the stage table: no learning (Frangi vesselness), a specialist trained on the
+same split (a plain U-Net), and the ceiling of SAM2's mask grid. They answer the first questions a
+reviewer asks of a fine-tuned vision-language segmenter: does it beat a plain U-Net trained on the
+same frames, and how much does its mask resolution leave it?
 
 Frangi (`fit_frangi`, `frangi_probabilities`): scikit-image's Frangi vesselness on the green
 channel (the grey value of a grey frame; the best-contrast channel of a colour fundus photo).
@@ -28,8 +29,16 @@ Frames of any size: inference pads to a multiple of 16 and crops back.
     python -m common.baselines --data /data/vessels --output outputs/unet --preset strong
 
 writes `<output>/unet_<timestamp>/`: best/ and final/ (unet.safetensors + unet.json),
-training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume). `evaluate.py
---baselines frangi,unet [--unet RUN]` scores both beside the stages (README, "Baselines").
+training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume).
+
+Grid (`mask_grid_probabilities`): Sa2VA's masks are SAM2's low-res logits, a (S/4) x (S/4) grid
+of the S x S SAM2 input (S = 1024 released: 256 x 256), upsampled to the frame. The ground truth
+itself, area-averaged onto that grid and upsampled the same way, shows what the grid leaves of
+thin vessels: about the best any Sa2VA can score on the frames (not a strict bound: a model's
+logits need not be an area average). A 565 px DRIVE frame loses 9-11% of its Dice there.
+
+`evaluate.py --baselines frangi,unet,grid [--unet RUN]` scores them beside the stages (README,
+"Baselines").
 """
 import argparse
 import json
@@ -48,6 +57,7 @@ from common.data import frame_mask, read_image, splits_from_args
 from common.engine import (RunLogger, build_engine, load_trainer_state, log_train_window, make_run_dir,
                            save_trainer_state, seed_everything)
 from common.files import atomic_folder, write_json
+from common.forward import upsample_logits
 from common.losses import segmentation_loss
 from common.rewards import overlap_metrics
 from common.sa2va import CheckpointError
@@ -194,6 +204,15 @@ def segment(model, x):
     probs = model(x)[0, 0, :h, :w].float().sigmoid()
     model.train(was_training)
     return probs
+
+
+def mask_grid_probabilities(mask, sam_size):
+    """Float32 (H, W) map in [0, 1] of an (H, W) ground-truth mask passed through SAM2's mask grid:
+    resized to the S x S input as the frame is, area-averaged onto the (S/4) x (S/4) grid of its
+    low-res logits, upsampled back as those are (`common.forward.upsample_logits`)."""
+    resized = F.interpolate(torch.as_tensor(mask).float()[None, None], size=(sam_size, sam_size), mode="bilinear",
+                            align_corners=False)
+    return upsample_logits(F.avg_pool2d(resized, 4), mask.shape[-2:], sam_size)[0]
 
 
 def unet_probabilities(model, image, device=None):

@@ -1,5 +1,6 @@
 """The baselines beside the stages (common/baselines.py, evaluate.py --baselines): the U-Net learns,
-is deterministic and resumes exactly; Frangi's fitted threshold is the evaluation threshold; U-Net and
+is deterministic and resumes exactly; Frangi's fitted threshold is the evaluation threshold; the mask
+grid keeps what fills its cells and loses a 1 px vessel; U-Net and
 Sa2VA stage checkpoints cannot be swapped. Small sizes: the whole file runs in ~30 s on 2 shared CPU cores."""
 import json
 import os
@@ -148,6 +149,19 @@ def test_odd_frame_sizes_are_padded_and_cropped_back():
     assert baselines.unet_probabilities(model, image).shape == (37, 45)
     small = Image.fromarray(np.zeros((5, 7, 3), np.uint8))  # smaller than the padding: constant padding
     assert baselines.unet_probabilities(model, small).shape == (5, 7)
+
+
+def test_mask_grid_keeps_whole_grid_cells_and_loses_a_one_pixel_vessel():
+    """SAM2 at 64 px has a 16 x 16 mask grid: 4 x 4 px cells."""
+    block = torch.zeros(64, 64, dtype=torch.bool)
+    block[8:24, 4:40] = True  # whole cells: their average is 1 or 0, and upsampling crosses 0.5 at the cell edges
+    lost = (baselines.mask_grid_probabilities(block, 64) > 0.5) != block
+    assert lost.nonzero().tolist() == [[8, 4], [8, 39], [23, 4], [23, 39]]  # but for each corner's pixel (0.625^2)
+    line = torch.zeros(64, 64, dtype=torch.bool)
+    line[:, 30] = True  # a quarter of each cell it crosses: nothing of it is left
+    assert baselines.mask_grid_probabilities(line, 64).max() <= 0.25
+    probs = baselines.mask_grid_probabilities(np.ones((37, 45), bool), 64)  # frames of another size come back at theirs
+    assert probs.shape == (37, 45) and torch.allclose(probs, torch.ones(37, 45))
 
 
 def test_frangi_fits_on_train_frames_and_its_threshold_is_the_evaluation_threshold(small_data):
