@@ -159,15 +159,14 @@ def score_baseline(args, name, dataset, thresholds, rank, world_size, device, sa
     """(checkpoint, records, this rank's probabilities, info) of a baseline on the scored frames: Frangi
     fitted on the stages' train split, a U-Net trained on it (here, or the --unet run), or the ground
     truth through the `sam_size` model's mask grid."""
-    train_frames = select_split(args, "train")
-    if name == "grid":
+    if name == "grid":  # needs no train frame: also on a folder that has none (a separate test folder, --split all)
         grid = sam_size // 4
         ckpt, predict = None, lambda sample: baselines.mask_grid_probabilities(sample["mask"], sam_size)
         info = dict(baseline="grid", sam_size=sam_size,
                     description=f"ceiling: the ground truth through SAM2's {grid} x {grid} mask grid (no model)")
     elif name == "frangi":
         try:
-            params = baselines.fit_frangi(train_frames, log=print0)
+            params = baselines.fit_frangi(select_split(args, "train"), log=print0)
         except ValueError as e:
             raise SystemExit(f"--baselines frangi: {e}")
         ckpt, predict = None, lambda sample: torch.from_numpy(baselines.frangi_probabilities(sample["image"], params,
@@ -193,10 +192,11 @@ def score_baseline(args, name, dataset, thresholds, rank, world_size, device, sa
                              f"(e.g. {sorted(trained_on & scored)[0]}): no held-out comparison. Train it on this split: "
                              f"python -m common.baselines --data {args.data} with the stages' --seed, --val_fraction, "
                              f"--max_train_samples")
-        same = trained_on == {f.key for f in train_frames}
+        train_keys = {f.key for f in select_split(args, "train")}
+        same = trained_on == train_keys
         if not same:
             print0(f"warning: the U-Net {run} trained on {len(trained_on)} frames, not on this split's "
-                   f"{len(train_frames)} train frames")
+                   f"{len(train_keys)} train frames")
         ckpt, predict = meta["checkpoint"], lambda sample: baselines.unet_probabilities(model, sample["image"], device)
         info = dict(baseline="unet", parameters=meta["parameters"], preset=meta["args"]["preset"],
                     description=f"U-Net, {meta['parameters']:,} parameters, trained on "
