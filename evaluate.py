@@ -161,7 +161,7 @@ def score_baseline(args, name, dataset, thresholds, rank, world_size, device, sa
     truth through the `sam_size` model's mask grid."""
     if name == "grid":  # needs no train frame: also on a folder that has none (a separate test folder, --split all)
         grid = sam_size // 4
-        ckpt, predict = None, lambda sample: baselines.mask_grid_probabilities(sample["mask"], sam_size)
+        ckpt, predict = None, lambda sample: baselines.mask_grid_probabilities(sample["mask"], sam_size, args.threshold)
         info = dict(baseline="grid", sam_size=sam_size,
                     description=f"ceiling: the ground truth through SAM2's {grid} x {grid} mask grid (no model)")
     elif name == "frangi":
@@ -587,6 +587,10 @@ def main(args):
                          "image is its own video, so there is nothing to carry: drop one of them")
     labelled = os.path.isdir(os.path.join(args.data, "masks")) or os.path.isfile(os.path.join(args.data, ANNOTATIONS_FILE))
     if args.predict_only or not labelled:
+        if args.baselines or args.unet:
+            raise SystemExit("--baselines are scored against ground truth: "
+                             + ("--predict_only segments without it" if args.predict_only else
+                                f"{args.data} has none (no masks/, no {ANNOTATIONS_FILE})"))
         records = predict_frames(args, rank, world_size, device)
         cleanup()
         return records

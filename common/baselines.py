@@ -33,10 +33,9 @@ training_info.json, train.log, metrics.jsonl, checkpoints/ (for --resume).
 
 Grid (`mask_grid_probabilities`): Sa2VA's masks are SAM2's low-res logits, a (S/4) x (S/4) grid
 of the S x S SAM2 input (S = 1024 released: 256 x 256), upsampled to the frame. The ground truth
-itself, area-averaged onto that grid and upsampled the same way, shows what the grid leaves of
-thin vessels: about the best any Sa2VA can score on the frames (not a strict bound: a model's
-logits need not be an area average). DRIVE's 565 x 584 ground truths score 0.87-0.95 through
-the 256 x 256 grid (mean 0.907).
+itself, area-averaged onto that grid, upsampled the same way and cut where it best matches each
+frame, shows what the grid leaves of thin vessels: about the best any Sa2VA can score on the
+frames (an estimate, not a strict bound: a model's logits need not be an area average).
 
 `evaluate.py --baselines frangi,unet,grid [--unet RUN]` scores them beside the stages (README,
 "Baselines").
@@ -207,13 +206,24 @@ def segment(model, x):
     return probs
 
 
-def mask_grid_probabilities(mask, sam_size):
+GRID_CUTS = torch.linspace(0.02, 0.98, 49)  # cuts of a cell's vessel coverage tried for the grid's ceiling
+
+
+def mask_grid_probabilities(mask, sam_size, threshold=0.5):
     """Float32 (H, W) map in [0, 1] of an (H, W) ground-truth mask passed through SAM2's mask grid:
     resized to the S x S input as the frame is, area-averaged onto the (S/4) x (S/4) grid of its
-    low-res logits, upsampled back as those are (`common.forward.upsample_logits`)."""
-    resized = F.interpolate(torch.as_tensor(mask).float()[None, None], size=(sam_size, sam_size), mode="bilinear",
-                            align_corners=False)
-    return upsample_logits(F.avg_pool2d(resized, 4), mask.shape[-2:], sam_size)[0]
+    low-res logits, upsampled back as those are (`common.forward.upsample_logits`). A model picks
+    its logits: a cell a 1 px vessel crosses need not read 0.25 < 0.5. So the map is cut where it
+    best matches this mask (GRID_CUTS, by Dice) and rescaled so that it exceeds `threshold` exactly
+    there (piecewise linear, monotone)."""
+    mask = torch.as_tensor(mask).bool()
+    resized = F.interpolate(mask.float()[None, None], size=(sam_size, sam_size), mode="bilinear", align_corners=False)
+    coverage = upsample_logits(F.avg_pool2d(resized, 4), mask.shape[-2:], sam_size)[0]
+    dice = [2 * (coverage > c)[mask].sum() / max(1, int((coverage > c).sum() + mask.sum())) for c in GRID_CUTS]
+    cut = float(GRID_CUTS[int(torch.stack(dice).argmax())])
+    below = torch.minimum(coverage * (threshold / cut), torch.tensor(threshold))  # <= threshold, never above it
+    above = threshold + (coverage - cut) * ((1 - threshold) / (1 - cut))
+    return torch.where(coverage > cut, above, below)
 
 
 def unet_probabilities(model, image, device=None):
