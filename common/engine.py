@@ -88,9 +88,9 @@ def all_gather_objects(obj):
 
 def cleanup():
     """The processes' last step, on every rank at the end of a script: they wait for each other, then
-    close the group. A rank that closed it while rank 0 still wrote its files died now and then of
-    SIGABRT ("terminate called without an active exception", gloo, 1 in 12 two-process mine_hard.py
-    runs on the CPU)."""
+    close the group, so no rank closes it while another still uses it (rank 1 of a two-process
+    mine_hard.py, closing gloo while rank 0 still wrote its files, once died of SIGABRT: "terminate
+    called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
