@@ -477,12 +477,6 @@ def scoring_args(args):
     """(checkpoints, thresholds, baseline rows) of a scoring run; SystemExit, before any model is loaded, for a
     checkpoint or U-Net folder that is not one, --answer_mode generate, or an unknown or clashing baseline name."""
     checkpoints = resolve_checkpoints(args, predicting=False)
-    for name, ckpt in checkpoints:  # a wrong folder (a U-Net run, say) stops the run before any model is loaded
-        try:
-            if ckpt:
-                read_stage_meta(ckpt)
-        except CheckpointError as e:
-            raise SystemExit(f"--checkpoints {name}={ckpt}: {e}")
     if args.answer_mode != "fixed":
         raise SystemExit("scoring runs the fixed answer (batched forward path); --answer_mode generate is for frames "
                          "without ground truth (--predict_only)")
@@ -494,6 +488,12 @@ def scoring_args(args):
     if set(wanted_baselines) & {name for name, _ in checkpoints}:
         raise SystemExit(f"--checkpoints: {sorted(set(wanted_baselines) & {n for n, _ in checkpoints})} is the name of "
                          f"a baseline row; name the checkpoint otherwise (NAME=PATH)")
+    for name, ckpt in checkpoints:  # a wrong folder (a U-Net run, say) stops the run before any model is loaded
+        try:
+            if ckpt:
+                read_stage_meta(ckpt)
+        except CheckpointError as e:
+            raise SystemExit(f"--checkpoints {name}={ckpt}: {e}")
     if args.unet:
         try:
             baselines.unet_checkpoint(args.unet)

@@ -208,6 +208,12 @@ def sft_run_like(tmp_path):
     return str(run)
 
 
+def test_a_checkpoint_named_as_a_baseline_row_is_refused_first(small_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"\['grid'\] is the name of a baseline row"):  # before its (missing) folder
+        evaluate.main(evaluate.parse_args(["--data", small_data, "--output", str(tmp_path), "--baselines", "grid",
+                                           "--checkpoints", f"grid={tmp_path / 'missing'}"]))
+
+
 def test_baselines_without_ground_truth_are_refused(small_data, tmp_path):
     with pytest.raises(SystemExit, match="--baselines are scored against ground truth: --predict_only segments"):
         evaluate.main(evaluate.parse_args(["--data", small_data, "--output", str(tmp_path), "--predict_only",
