@@ -59,7 +59,7 @@ from common.engine import (RunLogger, build_engine, load_trainer_state, log_trai
 from common.files import atomic_folder, write_json
 from common.forward import upsample_logits
 from common.losses import segmentation_loss
-from common.rewards import overlap_metrics
+from common.rewards import dice, overlap_metrics
 from common.sa2va import CheckpointError
 
 # ----------------------------------------------------------------------------- Frangi (no learning)
@@ -219,8 +219,7 @@ def mask_grid_probabilities(mask, sam_size, threshold=0.5):
     mask = torch.as_tensor(mask).bool()
     resized = F.interpolate(mask.float()[None, None], size=(sam_size, sam_size), mode="bilinear", align_corners=False)
     coverage = upsample_logits(F.avg_pool2d(resized, 4), mask.shape[-2:], sam_size)[0]
-    dice = [2 * (coverage > c)[mask].sum() / max(1, int((coverage > c).sum() + mask.sum())) for c in GRID_CUTS]
-    cut = float(GRID_CUTS[int(torch.stack(dice).argmax())])
+    cut = float(GRID_CUTS[int(torch.cat([dice(coverage > c, mask) for c in GRID_CUTS]).argmax())])
     below = torch.minimum(coverage * (threshold / cut), torch.tensor(threshold))  # <= threshold, never above it
     above = threshold + (coverage - cut) * ((1 - threshold) / (1 - cut))
     return torch.where(coverage > cut, above, below)

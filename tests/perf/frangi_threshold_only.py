@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import baselines  # noqa: E402
 from common.data import frame_mask, read_image, splits_from_args  # noqa: E402
+from common.rewards import dice  # noqa: E402
 
 SKIMAGE_DEFAULT_SIGMAS = tuple(range(1, 10, 2))
 
@@ -32,10 +33,7 @@ def main():
         vesselness = lambda f: baselines.vesselness(read_image(f.image_path), SKIMAGE_DEFAULT_SIGMAS, dark_vessels=True)
         train_dice = np.mean([baselines._dice_per_threshold(vesselness(f), frame_mask(f)) for f in train], axis=0)
         threshold = baselines.FRANGI_THRESHOLDS[int(train_dice.argmax())]
-        val_dice = []
-        for f in val:
-            pred, mask = vesselness(f) > threshold, frame_mask(f)
-            val_dice.append(2 * (pred & mask).sum() / max(1, pred.sum() + mask.sum()))
+        val_dice = [float(dice(vesselness(f) > threshold, frame_mask(f))[0]) for f in val]
         print(f"seed {seed}: threshold {threshold:.3g} (train Dice {train_dice.max():.4f}), "
               f"val mean Dice {np.mean(val_dice):.4f} on {len(val)} frames")
 
